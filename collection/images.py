@@ -93,6 +93,8 @@ def decode(path: str | Path, data: bytes | None = None, min_side: int | None = N
         raise ImageError(f"refused as a possible decompression bomb: {e}") from None
     except UnidentifiedImageError:
         raise ImageError("not an image Pillow can read (unknown or corrupt format)") from None
+    except OSError as e:
+        raise ImageError(f"truncated or corrupt image header: {e}") from None
     except Exception as e:  # Pillow raises many kinds on hostile headers
         raise ImageError(f"cannot open image: {e}") from None
 

@@ -1,0 +1,101 @@
+"""Shared fixtures: tiny images made on the fly, sample photos from wheels, small models."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from collection.models import get_model
+from collection.store import Store
+
+
+def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05, message: str = ""):
+    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message or predicate}")
+        time.sleep(interval)
+
+
+def make_image(path: Path, seed: int = 0, size=(64, 48), fmt: str | None = None, **save) -> Path:
+    """A distinct small picture: smooth colour gradients plus seeded noise."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    base = rng.uniform(0, 255, 3)
+    slope = rng.uniform(-2, 2, (3, 2))
+    channels = [base[c] + slope[c, 0] * x + slope[c, 1] * y for c in range(3)]
+    arr = np.stack(channels, axis=-1) + rng.normal(0, 20, (h, w, 3))
+    image = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, fmt, **save)
+    return path
+
+
+def sample_photos() -> dict[str, np.ndarray]:
+    """Real photos that ship inside the scikit-image and scikit-learn wheels."""
+    from skimage import data
+    from sklearn.datasets import load_sample_image
+
+    return {
+        "chelsea": data.chelsea(),
+        "coffee": data.coffee(),
+        "rocket": data.rocket(),
+        "astronaut": data.astronaut(),
+        "china": load_sample_image("china.jpg"),
+        "flower": load_sample_image("flower.jpg"),
+    }
+
+
+@pytest.fixture
+def images_dir(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def db_path(tmp_path) -> Path:
+    return tmp_path / "collection.db"
+
+
+@pytest.fixture
+def store(db_path):
+    s = Store(db_path)
+    yield s
+    s.close()
+
+
+class CountingModel:
+    """Wraps a real model and counts its forward passes (batch sizes)."""
+
+    def __init__(self, model):
+        self._model = model
+        self.calls: list[int] = []
+
+    def embed_batch(self, batch):
+        self.calls.append(len(batch))
+        return self._model.embed_batch(batch)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+@pytest.fixture(scope="session")
+def small_model():
+    """The real EfficientNet-Lite0 architecture with seeded random weights: fast to build and run."""
+    return get_model("efficientnet_lite0:random").load()
+
+
+@pytest.fixture
+def counting_model(small_model):
+    return CountingModel(small_model)

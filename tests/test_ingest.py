@@ -1,0 +1,175 @@
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from collection import store as store_module
+from collection.ingest import Ingester, iter_files
+from collection.store import Store, StoreError
+from conftest import make_image
+
+
+def _add(store, model, paths, **kw):
+    return Ingester(store, model, **kw).add([str(p) for p in paths])
+
+
+def test_stored_vectors_are_unit_length_little_endian_float32(store, small_model, images_dir):
+    paths = [make_image(images_dir / f"{i}.png", seed=i) for i in range(3)]
+    summary = _add(store, small_model, paths)
+    assert summary.added == 3
+    for row in store.db.query("select vector, model from vectors"):
+        assert row["model"] == small_model.model_id
+        assert len(row["vector"]) == small_model.dimensions * 4
+        vector = np.frombuffer(row["vector"], dtype="<f4")
+        assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
+    images = list(store.db.query("select * from images order by id"))
+    assert [r["path"] for r in images] == [str(p) for p in paths]
+    labels = list(store.db.query("select * from labels where image_id = ? order by rank", [images[0]["id"]]))
+    assert [r["rank"] for r in labels] == [1, 2, 3, 4, 5]
+    assert images[0]["top_label"] == labels[0]["label"]
+    assert store.db["thumbnails"].count == 3
+
+
+def test_readding_unchanged_files_runs_no_model(store, counting_model, images_dir):
+    paths = [make_image(images_dir / f"{i}.jpg", seed=i) for i in range(4)]
+    first = _add(store, counting_model, paths, batch_size=2)
+    assert first.added == 4
+    assert counting_model.calls == [2, 2]
+    second = _add(store, counting_model, paths)
+    assert second.unchanged == 4
+    assert counting_model.calls == [2, 2]
+    # touched but identical bytes: hashed, not embedded
+    os.utime(paths[0], (1_000_000, 1_000_000))
+    third = _add(store, counting_model, paths)
+    assert (third.unchanged, counting_model.calls) == (4, [2, 2])
+
+
+def test_rename_keeps_id_and_runs_no_model(store, counting_model, images_dir):
+    old = make_image(images_dir / "old.png", seed=1)
+    _add(store, counting_model, [old])
+    image_id = store.by_path(str(old))["id"]
+    new = images_dir / "sub" / "new.png"
+    new.parent.mkdir()
+    old.rename(new)
+    summary = _add(store, counting_model, [new])
+    assert summary.reused == 1
+    assert counting_model.calls == [1]
+    assert store.by_path(str(new))["id"] == image_id
+    assert store.by_path(str(old)) is None
+    assert len(store.labels_for(image_id)) == 5
+
+
+def test_a_copy_reuses_the_vector_under_a_new_id(store, counting_model, images_dir):
+    original = make_image(images_dir / "a.png", seed=1)
+    _add(store, counting_model, [original])
+    copy = shutil.copy(original, images_dir / "b.png")
+    summary = _add(store, counting_model, [copy])
+    assert summary.reused == 1 and counting_model.calls == [1]
+    a, b = store.by_path(str(original)), store.by_path(str(copy))
+    assert a["id"] != b["id"] and a["sha256"] == b["sha256"]
+    assert np.array_equal(store.vector(a["id"]), store.vector(b["id"]))
+
+
+def test_a_changed_file_is_embedded_again_in_place(store, counting_model, images_dir):
+    path = make_image(images_dir / "x.png", seed=1)
+    _add(store, counting_model, [path])
+    before = store.by_path(str(path))
+    vector_before = store.vector(before["id"])
+    make_image(path, seed=2, size=(80, 60))
+    os.utime(path, (before["mtime"] + 10, before["mtime"] + 10))
+    summary = _add(store, counting_model, [path])
+    after = store.by_path(str(path))
+    assert summary.updated == 1 and counting_model.calls == [1, 1]
+    assert after["id"] == before["id"]
+    assert (after["width"], after["sha256"]) != (before["width"], before["sha256"])
+    assert not np.array_equal(vector_before, store.vector(after["id"]))
+    assert store.db["images"].count == 1
+
+
+def test_bad_files_become_failures_and_the_run_goes_on(store, counting_model, images_dir):
+    good = [make_image(images_dir / f"good{i}.png", seed=i) for i in range(3)]
+    (images_dir / "text.jpg").write_text("not a picture")
+    (images_dir / "empty.png").write_bytes(b"")
+    whole = make_image(images_dir / "whole.jpg", size=(300, 200)).read_bytes()
+    (images_dir / "cut.jpg").write_bytes(whole[:400])
+    paths = sorted(images_dir.iterdir())
+    summary = _add(store, counting_model, paths)
+    assert (summary.added, summary.failed) == (4, 3)  # whole.jpg is fine too
+    failures = {os.path.basename(r["path"]): r["error"] for r in store.db["failures"].rows}
+    assert set(failures) == {"text.jpg", "empty.png", "cut.jpg"}
+    assert "not an image" in failures["text.jpg"]
+    assert "empty" in failures["empty.png"]
+    assert "truncated" in failures["cut.jpg"]
+    # unchanged failures are not retried; a fixed file is, and its failure row goes
+    again = _add(store, counting_model, paths)
+    assert again.failed == 3 and store.db["failures"].get(str(images_dir / "text.jpg"))["attempts"] == 1
+    make_image(images_dir / "text.jpg", seed=9, fmt="JPEG")
+    fixed = _add(store, counting_model, [images_dir / "text.jpg"])
+    assert fixed.added == 1
+    assert store.failure(str(images_dir / "text.jpg")) is None
+
+
+def test_every_awkward_input_ends_as_a_row_or_a_failure(store, small_model, images_dir):
+    """The issue's list of bad inputs: each is either a correct images row or a clear failure."""
+    Image.new("CMYK", (50, 40), (10, 200, 30, 0)).save(images_dir / "cmyk.jpg")
+    Image.new("RGBA", (50, 40), (255, 0, 0, 100)).save(images_dir / "alpha.png")
+    Image.fromarray(np.full((40, 50), 40000, np.uint16)).save(images_dir / "deep.png")
+    frames = [Image.new("L", (30, 30), v) for v in (0, 128, 255)]
+    frames[0].save(images_dir / "anim.gif", save_all=True, append_images=frames[1:])
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    make_image(images_dir / "rotated.jpg", size=(60, 40), exif=exif)
+    from test_images import _png_claiming
+
+    (images_dir / "bomb.png").write_bytes(_png_claiming(40_000, 40_000))
+    summary = _add(store, small_model, sorted(images_dir.iterdir()))
+    assert (summary.added, summary.failed) == (5, 1)
+    rows = {os.path.basename(r["path"]): r for r in store.db["images"].rows}
+    assert (rows["rotated.jpg"]["width"], rows["rotated.jpg"]["height"]) == (40, 60)
+    assert rows["anim.gif"]["format"] == "GIF"
+    assert "decompression bomb" in store.failure(str(images_dir / "bomb.png"))["error"]
+
+
+def test_another_model_is_refused(store, small_model, images_dir):
+    _add(store, small_model, [make_image(images_dir / "a.png")])
+    from collection.models import get_model
+
+    other = get_model("inception_v3:random")
+    with pytest.raises(StoreError, match="mix two models"):
+        Ingester(store, other)
+
+
+def test_an_old_database_upgrades_when_opened(db_path):
+    import sqlite_utils
+
+    old = sqlite_utils.Database(db_path)
+    store_module.migrations.apply(old, stop_before="m002_deleted_and_thumbnails")
+    old["images"].insert({"path": "/x.jpg", "sha256": "ab"})
+    assert "deleted_at" not in old["images"].columns_dict
+    old.close()
+    store = Store(db_path)
+    assert "deleted_at" in store.db["images"].columns_dict
+    assert store.db["thumbnails"].exists()
+    assert store.by_path("/x.jpg")["sha256"] == "ab"
+
+
+def test_unreadable_database_is_a_clear_error(tmp_path):
+    bad = tmp_path / "notes.db"
+    bad.write_text("this is not sqlite " * 100)
+    with pytest.raises(StoreError, match="cannot open"):
+        Store(bad)
+
+
+def test_iter_files_filters_folders(images_dir):
+    make_image(images_dir / "a.jpg")
+    make_image(images_dir / ".hidden.jpg")
+    (images_dir / "notes.txt").write_text("x")
+    make_image(images_dir / "deep" / "b.png")
+    flat = [os.path.basename(p) for p in iter_files([images_dir])]
+    deep = [os.path.basename(p) for p in iter_files([images_dir], recursive=True)]
+    assert flat == ["a.jpg"]
+    assert deep == ["a.jpg", "b.png"]
