@@ -91,6 +91,7 @@ def add(paths, db_path, model_name, weights, precision, recursive, batch_size):
     Unchanged files are skipped, renamed or copied files reuse their stored
     vector, and changed files are embedded again under the same id.
     """
+    from .index import Indexer, update_matches
     from .ingest import Ingester, iter_files
 
     store = open_store(db_path)
@@ -98,12 +99,19 @@ def add(paths, db_path, model_name, weights, precision, recursive, batch_size):
     if not files:
         raise click.ClickException("no image files found (use --recursive for subfolders)")
     model = load_model(store, model_name, weights, precision)
-    ingester = Ingester(store, model, batch_size=batch_size)
+    indexer = Indexer(store.path)
+
+    def after_batch(ids):  # similar images and matches stay current as batches land
+        update_matches(store, ids)
+        indexer.check()
+
+    ingester = Ingester(store, model, batch_size=batch_size, on_batch=after_batch)
     if len(files) >= PROGRESS_FROM:
         with click.progressbar(length=len(files), label="Adding", show_pos=True, file=click.get_text_stream("stderr")) as bar:
             summary = ingester.add(files, progress=bar.update)
     else:
         summary = ingester.add(files)
+    indexer.join()
     click.echo(summary.line())
     if summary.failed:
         click.echo(f"See why with: collection failures --db {db_path}", err=True)
@@ -166,3 +174,241 @@ def models():
         if where is None and name == "inception_v3":
             where = "not here: downloaded by Keras on first use"
         click.echo(f"{name:<20} {cls.dimensions:>10} {cls.input_size:>5}px  {where}")
+
+
+@cli.command()
+@db_option
+@click.option("-h", "--host", default="127.0.0.1", show_default=True,
+              help="Interface to bind; 0.0.0.0 makes the collection reachable from other machines.")
+@click.option("-p", "--port", default=8001, show_default=True, type=click.IntRange(1, 65535),
+              help="Port to listen on.")
+@click.option("--metadata", "metadata_path", type=click.Path(exists=True, dir_okay=False),
+              help="Datasette metadata file  [default: the project's metadata.yml]")
+def serve(db_path, host, port, metadata_path):
+    """Browse the collection in Datasette: thumbnails, label facets, similar images."""
+    from . import serve as serving
+
+    if not Path(db_path).exists():
+        raise click.ClickException(f"no collection database at {db_path}")
+    open_store(db_path).close()  # upgrade an older database before Datasette reads it
+    metadata_path = metadata_path or serving.find_metadata()
+    if metadata_path is None:
+        click.echo("metadata.yml not found: serving without titles, facets or canned queries", err=True)
+    serving.run(db_path, host, port, metadata_path)
+
+
+def watch_options(f):
+    """The options `watch` and `start` share."""
+    f = click.option(
+        "--ignore",
+        multiple=True,
+        metavar="PATTERN",
+        help="Also leave alone files or folders matching this glob (repeatable). Hidden files, "
+        "partial downloads, editors' swap files and @eaDir folders always are.",
+    )(f)
+    f = click.option(
+        "--rescan-every",
+        type=click.FloatRange(min=1),
+        default=600,
+        show_default=True,
+        metavar="SECONDS",
+        help="Rescan the whole folder this often, for anything the events missed.",
+    )(f)
+    f = click.option(
+        "--poll",
+        is_flag=True,
+        help="Poll the folder instead of waiting for OS events: for network drives (NFS, SMB).",
+    )(f)
+    f = click.option("--batch-size", type=click.IntRange(1, 1024), help="Images per model call.")(f)
+    return model_options(db_option(f))
+
+
+def _watcher(folder, db_path, model_name, weights, precision, poll, rescan_every, ignore, batch_size):
+    from .ingest import IGNORE
+    from .watcher import StatusLine, Watcher
+
+    store = open_store(db_path)
+    model = load_model(store, model_name, weights, precision)
+    store.close()
+    status = StatusLine()
+    watcher = Watcher(
+        folder,
+        db_path,
+        model,
+        poll=poll,
+        rescan_every=rescan_every,
+        ignore=IGNORE + tuple(ignore),
+        batch_size=batch_size,
+        echo=status.say,
+        report=status.update,
+    )
+    return watcher, status
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@watch_options
+def watch(folder, **options):
+    """Keep the collection in step with FOLDER and its subfolders, until Ctrl-C.
+
+    First adds what is new or changed and marks deleted what has gone, then adds
+    each image dropped in within seconds, once it is completely written. Renamed
+    and moved files keep their id and run no model. Hidden files, partial
+    downloads and editors' temporary files are left alone.
+    """
+    from .watcher import run_until_stopped
+
+    watcher, status = _watcher(folder, **options)
+    click.echo(f"Watching {watcher.root} (Ctrl-C to stop)", err=True)
+    run_until_stopped(watcher)
+    status.close()
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(file_okay=False))
+@watch_options
+@click.option("-h", "--host", default="127.0.0.1", show_default=True, help="Interface Datasette binds.")
+@click.option("-p", "--port", default=8001, show_default=True, type=click.IntRange(1, 65535),
+              help="Port Datasette listens on.")
+def start(folder, host, port, **options):
+    """Watch FOLDER (created if missing) and serve the collection in Datasette.
+
+    The same as `collection watch FOLDER` and `collection serve` together;
+    Ctrl-C stops both.
+    """
+    import subprocess
+    import sys
+
+    from .watcher import run_until_stopped
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    db_path = options["db_path"]
+    open_store(db_path).close()  # Datasette needs the database, created and upgraded
+    server = subprocess.Popen(
+        [sys.executable, "-m", "collection", "serve", "--db", db_path, "--host", host, "--port", str(port)]
+    )
+    try:
+        watcher, status = _watcher(folder, **options)
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        click.echo(
+            f"Open http://{shown}:{port}/ to browse the collection; "
+            f"drop images into {watcher.root} (Ctrl-C stops both)",
+            err=True,
+        )
+        run_until_stopped(watcher, alive=lambda: server.poll() is None)
+        status.close()
+    finally:
+        exited = server.poll()
+        if exited is None:
+            server.terminate()
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+    if exited:
+        raise click.ClickException(
+            f"Datasette exited with code {exited} (is port {port} in use?), so watching stopped too"
+        )
+
+
+@cli.command(name="map")
+@db_option
+@click.option(
+    "--method",
+    type=click.Choice(["auto", "tsne", "pca"]),
+    default="auto",
+    show_default=True,
+    help="t-SNE (after PCA to 50 dimensions) or PCA alone; auto uses PCA alone past 20,000 images.",
+)
+@click.option("--perplexity", type=click.FloatRange(2, 100), default=30.0, show_default=True,
+              help="t-SNE's perplexity: roughly how many neighbours each image keeps close.")
+def map_(db_path, method, perplexity):
+    """Lay out every image on a 2-D map (t-SNE or PCA) for the /-/map page.
+
+    Images added later are placed near their neighbours at once; run this
+    again to recompute the whole map.
+    """
+    from .projection import ProjectionError, project
+
+    store = open_store(db_path, create=False)
+    try:
+        result = project(store, method, perplexity, echo=lambda m: click.echo(m, err=True))
+    except ProjectionError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(result.line())
+
+
+@cli.command()
+@click.argument("image")
+@click.option("-k", "k", type=click.IntRange(1, 1000), default=10, show_default=True, help="How many to show.")
+@click.option("--min-score", type=click.FloatRange(-1.0, 1.0), default=0.0, show_default=True,
+              help="Leave out images less similar than this (cosine).")
+@click.option("--json", "as_json", is_flag=True, help="Output JSON.")
+@db_option
+def similar(image, k, min_score, as_json, db_path):
+    """Images most like IMAGE: an id or path in the collection, or any image file.
+
+    A file outside the collection is run through the collection's model on the
+    fly; it is not added.
+    """
+    import json
+
+    from .index import open_index
+
+    store = open_store(db_path, create=False)
+    searcher = open_index(db_path)
+    row = store.by_id(int(image)) if image.isdigit() and not os.path.exists(image) else store.by_path(os.path.abspath(image))
+    if row is not None and row["deleted_at"] is None:
+        found = searcher.similar(row["id"], k, min_score)
+    elif os.path.isfile(image):
+        found = searcher.similar_to_vector(_embed_file(store, image), k, min_score)
+    else:
+        raise click.ClickException(f"no image {image!r} in {db_path}, and no such file")
+    paths = dict(store.db.execute(
+        f"select id, path from images where id in ({', '.join('?' * len(found))})", [i for i, _ in found]
+    )) if found else {}
+    if as_json:
+        click.echo(json.dumps([{"id": i, "score": round(s, 6), "path": paths.get(i)} for i, s in found], indent=2))
+    else:
+        for image_id, score in found:
+            click.echo(f"{score:.4f}  {image_id:>6}  {paths.get(image_id)}")
+        if not found:
+            click.echo("No similar images.", err=True)
+
+
+def _embed_file(store: Store, path: str):
+    """The vector of an image file that is not in the collection, from its model."""
+    from . import images
+    from .models import AUTO
+
+    if store.model is None:
+        raise click.ClickException("the collection is empty: add images first")
+    model = load_model(store, AUTO, None, store.get_meta("precision") or "fp32")
+    try:
+        decoded = images.decode(path, min_side=model.min_side)
+    except images.ImageError as e:
+        raise click.ClickException(f"{path}: {e}") from None
+    vectors, _ = model.embed_batch([model.prepare(decoded.image)])
+    return vectors[0]
+
+
+@cli.command(name="index")
+@db_option
+@click.option("--trees", type=click.IntRange(1, 1000), default=None,
+              help="Annoy trees: more give better recall, a bigger file and a slower build.")
+def index_command(db_path, trees):
+    """Rebuild the similar-images index now, and bring the matches table up to date."""
+    from .index import N_TREES, build, update_matches
+
+    store = open_store(db_path, create=False)
+    result = build(db_path, n_trees=trees or N_TREES)
+    if result["index_items"]:
+        click.echo(
+            f"Indexed {result['index_items']} images ({result['index_model']}, "
+            f"{result['index_n_trees']} trees) in {result['index_seconds']:.1f}s: "
+            f"{result['path']} ({result['size'] / 1e6:.1f} MB)"
+        )
+    else:
+        click.echo("No images to index.")
+    click.echo(f"Matches: {update_matches(store)} lists updated")

@@ -69,12 +69,18 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def decode(path: str | Path, data: bytes | None = None, min_side: int | None = None) -> Decoded:
+def decode(
+    path: str | Path,
+    data: bytes | None = None,
+    min_side: int | None = None,
+    sha256: str | None = None,
+) -> Decoded:
     """Open ``path`` (or its already-read ``data``) and return it as RGB with metadata.
 
     ``min_side``: the smallest short side the caller needs; a JPEG much larger
     than that is decoded at a reduced scale (DCT scaling), which is several
     times faster than a full decode followed by a resize.
+    ``sha256``: the hash of ``data`` when the caller has it already.
     Raises ImageError with a reason a person can act on.
     """
     path = str(path)
@@ -128,7 +134,7 @@ def decode(path: str | Path, data: bytes | None = None, min_side: int | None = N
         raise ImageError(f"cannot convert image to RGB: {e}") from None
     return Decoded(
         path=path,
-        sha256=sha256_bytes(data),
+        sha256=sha256 or sha256_bytes(data),
         size=len(data),
         width=width,
         height=height,
@@ -178,10 +184,12 @@ def min_side_for(size: int, crop: float) -> int:
 
 def thumbnail(image: Image.Image, max_side: int = 256, quality: int = 80) -> bytes:
     """A small JPEG of an RGB image, for the browser."""
-    thumb = image.copy()
-    thumb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    w, h = image.size
+    scale = min(1.0, max_side / max(w, h))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    thumb = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
     out = io.BytesIO()
-    thumb.save(out, "JPEG", quality=quality, optimize=True)
+    thumb.save(out, "JPEG", quality=quality)
     return out.getvalue()
 
 

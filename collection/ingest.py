@@ -10,6 +10,7 @@ import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -55,9 +56,29 @@ class _Read:
     error: str | None = None
 
 
-def iter_files(paths: Iterable[str | Path], recursive: bool = False) -> Iterator[str]:
+# Never added from a folder: hidden files and folders, downloads and copies still being
+# written, editors' swap and backup files, and NAS thumbnail and recycle folders.
+IGNORE = (".*", "*~", "*.part", "*.crdownload", "*.tmp", "*.swp", "@eaDir", "#recycle", "$RECYCLE.BIN")
+
+
+def ignored(relative: str, patterns: Iterable[str] = IGNORE) -> bool:
+    """Whether a path below a scanned or watched folder is left alone: a pattern
+    (fnmatch, case-sensitive) matches one of its parts or the whole relative path."""
+    parts = Path(relative).parts
+    return any(fnmatchcase(relative, p) or any(fnmatchcase(part, p) for part in parts) for p in patterns)
+
+
+def wanted(relative: str, patterns: Iterable[str] = IGNORE) -> bool:
+    """An image file, by its path below a folder, that a folder scan or the watcher adds."""
+    return Path(relative).suffix.lower() in images.EXTENSIONS and not ignored(relative, patterns)
+
+
+def iter_files(
+    paths: Iterable[str | Path], recursive: bool = False, ignore: Iterable[str] = IGNORE
+) -> Iterator[str]:
     """Image files under ``paths``, as absolute paths. Named files are always included;
-    a folder contributes files with an image extension, skipping hidden ones."""
+    a folder contributes files with an image extension, skipping ``ignored`` ones."""
+    ignore = tuple(ignore)
     for path in paths:
         path = Path(os.path.abspath(path))
         if not path.is_dir():
@@ -65,13 +86,26 @@ def iter_files(paths: Iterable[str | Path], recursive: bool = False) -> Iterator
             continue
         walker = os.walk(path) if recursive else [(str(path), [], os.listdir(path))]
         for root, dirs, files in walker:
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            below = os.path.relpath(root, path)
+            relative = lambda name: os.path.normpath(os.path.join(below, name))  # noqa: E731
+            dirs[:] = sorted(d for d in dirs if not ignored(relative(d), ignore))
             for name in sorted(files):
-                if name.startswith(".") or Path(name).suffix.lower() not in images.EXTENSIONS:
+                if not wanted(relative(name), ignore):
                     continue
                 full = Path(root) / name
                 if full.is_file():
                     yield str(full)
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 class Ingester:
@@ -84,12 +118,14 @@ class Ingester:
         batch_size: int | None = None,
         workers: int | None = None,
         thumbnails: bool = True,
+        on_batch: Callable[[list[int]], None] | None = None,
     ):
         self.store = store
         self.model = model
         self.batch_size = batch_size or model.batch_size
         self.workers = workers or min(4, os.cpu_count() or 1)
         self.thumbnails = thumbnails
+        self.on_batch = on_batch  # called with the ids each committed batch wrote
         self.store.claim_model(model.model_id, model.dimensions, model.precision)
         # Content hashes already embedded: a worker that finds one skips decoding.
         self.known = {row[0] for row in store.db.execute(
@@ -97,36 +133,42 @@ class Ingester:
         )}
 
     def add(self, paths: Iterable[str], progress: Callable[[int], None] | None = None) -> Summary:
+        """Add files; a batch of them is decoded by all workers, then embedded and written."""
         summary = Summary()
         batch: list[_Read] = []
         other: list[_Read] = []
-        pending: deque[Future] = deque()
-        lookahead = self.batch_size * 2 + self.workers
 
-        def handle(read: _Read) -> None:
-            if read.decoded is not None:
-                batch.append(read)
-            else:
-                other.append(read)
-            if len(batch) >= self.batch_size:
-                self._write(batch, other, summary)
-                batch.clear()
-                other.clear()
-            if progress:
-                progress(1)
-
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
+        def to_read() -> Iterator[_Read]:
             for path in paths:
                 read = self._triage(path, summary)
-                if read is None:
-                    if progress:
-                        progress(1)
-                    continue
-                pending.append(pool.submit(self._read, read))
-                while len(pending) > lookahead or (pending and pending[0].done()):
-                    handle(pending.popleft().result())
-            while pending:
-                handle(pending.popleft().result())
+                if read is not None:
+                    yield read
+                elif progress:
+                    progress(1)
+
+        def handle(chunk: list[Future]) -> None:
+            for future in chunk:
+                read = future.result()
+                (batch if read.decoded is not None else other).append(read)
+                if len(batch) >= self.batch_size:
+                    self._write(batch, other, summary)
+                    batch.clear()
+                    other.clear()
+                if progress:
+                    progress(1)
+
+        # On a CPU the model already uses every core: decoding the next batch while it
+        # runs only makes both slower, so decoding and the model take turns. With an
+        # accelerator the CPU is free while the model runs, so decoding runs ahead.
+        ahead = 1 if self.model.accelerated else 0
+        queued: deque[list[Future]] = deque()
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
+            for chunk in _chunks(to_read(), self.batch_size):
+                queued.append([pool.submit(self._read, read) for read in chunk])
+                while len(queued) > ahead:
+                    handle(queued.popleft())
+            while queued:
+                handle(queued.popleft())
         if batch or other:
             self._write(batch, other, summary)
         return summary
@@ -166,7 +208,7 @@ class Ingester:
         if read.sha256 in self.known:
             return read
         try:
-            decoded = images.decode(read.path, data, min_side=self.model.min_side)
+            decoded = images.decode(read.path, data, self.model.min_side, read.sha256)
             read.pixels = self.model.prepare(decoded.image)
             if self.thumbnails:
                 jpeg = images.thumbnail(decoded.image)
@@ -189,6 +231,7 @@ class Ingester:
             summary.batches.append(len(batch))
             labels = self.model.top_labels(probs)
         store = self.store
+        first = len(summary.ids)
         with store.db.atomic():
             for read in other:
                 if read.error:
@@ -214,6 +257,8 @@ class Ingester:
                     summary.updated += 1
                 else:
                     summary.added += 1
+        if self.on_batch and len(summary.ids) > first:
+            self.on_batch(summary.ids[first:])
 
     def _reuse(self, read: _Read, summary: Summary) -> None:
         """Known content: same file touched, a file renamed, or a second copy."""

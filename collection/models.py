@@ -51,12 +51,23 @@ class Model:
         self.seed = seed
         self._infer = None
         self.keras_model = None
+        self._accelerated: bool | None = None
         self._names: list[tuple[str, str]] | None = None
 
     @property
     def model_id(self) -> str:
         """What the database records: vectors of two different ids never mix."""
         return f"{self.name}:{RANDOM}" if self.weights == RANDOM else self.name
+
+    @property
+    def accelerated(self) -> bool:
+        """Whether TensorFlow runs the model on a GPU (asked once the model is built)."""
+        if self._accelerated is None:
+            import tensorflow as tf
+
+            self.load()
+            self._accelerated = bool(tf.config.list_physical_devices("GPU"))
+        return self._accelerated
 
     @property
     def min_side(self) -> int:

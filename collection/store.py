@@ -74,6 +74,94 @@ def m002_deleted_and_thumbnails(db: sqlite_utils.Database) -> None:
     )
 
 
+@migrations()
+def m003_matches(db: sqlite_utils.Database) -> None:
+    """Each image's nearest neighbours, and a log of the changes that make them stale.
+
+    Triggers append to ``vector_changes`` whenever an image's vector is written or
+    removed, or the image is deleted or comes back, whoever makes the change. The
+    similar-images index (collection/index.py) reads the log to know which vectors
+    its Annoy file no longer covers, and to keep ``matches`` current.
+    """
+    db["matches"].create(
+        {"image_id": int, "match_id": int, "rank": int, "score": float},
+        pk=("image_id", "rank"),
+    )
+    db["matches"].create_index(["match_id"])
+    # AUTOINCREMENT: a seq is never reused, even after old entries are pruned.
+    db.execute(
+        "create table vector_changes (seq integer primary key autoincrement, image_id integer not null)"
+    )
+    db["vector_changes"].create_index(["image_id", "seq"])
+    log = "insert into vector_changes (image_id) values"
+    for trigger in (  # one statement each: executescript would commit the migration half-done
+        f"vector_changes_insert after insert on vectors begin {log} (new.image_id); end",
+        f"vector_changes_update after update on vectors when old.vector is not new.vector "
+        f"or old.model is not new.model or old.image_id is not new.image_id "
+        f"begin {log} (new.image_id); insert into vector_changes (image_id) "
+        f"select old.image_id where old.image_id is not new.image_id; end",
+        f"vector_changes_delete after delete on vectors begin {log} (old.image_id); end",
+        f"vector_changes_image_delete after delete on images begin {log} (old.id); end",
+        f"vector_changes_image_deleted_at after update of deleted_at on images "
+        f"when (old.deleted_at is null) <> (new.deleted_at is null) begin {log} (new.id); end",
+    ):
+        db.execute(f"create trigger {trigger}")
+
+
+@migrations()
+def m004_ingest_log(db: sqlite_utils.Database) -> None:
+    # One row per unit of the watcher's work (a reconcile scan, or the events it drained).
+    db["ingest_log"].create(
+        {
+            "id": int,
+            "at": str,
+            "source": str,
+            "files": int,
+            "added": int,
+            "updated": int,
+            "reused": int,
+            "moved": int,
+            "unchanged": int,
+            "failed": int,
+            "deleted": int,
+            "seconds": float,
+        },
+        pk="id",
+    )
+    db["ingest_log"].create_index(["at"])
+
+
+@migrations()
+def m005_taken_year(db: sqlite_utils.Database) -> None:
+    # A generated column, so Datasette can facet images by the year they were taken;
+    # virtual, so it costs no space and can never disagree with taken_at.
+    db.execute(
+        "alter table images add column taken_year integer "
+        "generated always as (cast(substr(taken_at, 1, 4) as integer)) virtual"
+    )
+
+
+@migrations()
+def m006_projection(db: sqlite_utils.Database) -> None:
+    """The collection map (collection/projection.py): each image's 2-D position in [0, 1].
+
+    ``placed`` is 1 for an image put near its neighbours after the map was computed;
+    ``tile`` is its thumbnail's place in the map's sprite atlases; ``sha256`` is the
+    content it was placed with, so changed content is placed again. No foreign key:
+    the map is derived, and `Store.delete_rows` must not have to know about it.
+    """
+    db["projection"].create(
+        {"image_id": int, "method": str, "x": float, "y": float, "placed": int, "tile": int,
+         "sha256": str},
+        pk="image_id",
+    )
+    db["projection"].create_index(["tile"])
+
+
+# The columns of ``images`` that come from the file itself (images.Decoded.metadata()).
+_METADATA = ("sha256", "size", "width", "height", "format", "taken_at", "camera", "latitude", "longitude")
+
+
 class StoreError(Exception):
     """The database cannot be used as asked; the message says why."""
 
@@ -189,44 +277,53 @@ class Store:
         model_id: str,
         thumbnail: tuple[bytes, int, int] | None = None,
     ) -> int:
-        """Insert or update the image at ``path`` (keeping its id) with its vector and labels."""
+        """Insert or update the image at ``path`` (keeping its id) with its vector and labels.
+
+        Plain SQL rather than sqlite-utils' insert/upsert: this runs once per image
+        on the ingest path, where table introspection would cost more than the writes.
+        """
         stamp = now()
         row = {
             "path": path,
             "mtime": mtime,
-            **metadata,
+            **{k: metadata.get(k) for k in _METADATA},
             "updated_at": stamp,
             "model": model_id,
             "labels": json.dumps([label for _, label, _ in labels]),
             "top_label": labels[0][1] if labels else None,
             "top_score": labels[0][2] if labels else None,
-            "deleted_at": None,
         }
-        existing = self.by_path(path)
+        existing = self.db.execute("select id from images where path = ?", [path]).fetchone()
         if existing:
-            image_id = existing["id"]
-            self.db["images"].update(image_id, row)
+            image_id = existing[0]
+            assignments = ", ".join(f"[{k}] = :{k}" for k in row)
+            self.db.execute(
+                f"update images set {assignments}, deleted_at = null where id = :id",
+                {**row, "id": image_id},
+            )
         else:
             row["added_at"] = stamp
-            image_id = self.db["images"].insert(row).last_pk
-        self._save_vector_and_labels(image_id, vector, labels, model_id)
+            columns = ", ".join(f"[{k}]" for k in row)
+            values = ", ".join(f":{k}" for k in row)
+            image_id = self.db.execute(f"insert into images ({columns}) values ({values})", row).lastrowid
+        self.db.execute(
+            "insert into vectors (image_id, model, vector) values (?, ?, ?) "
+            "on conflict(image_id) do update set model = excluded.model, vector = excluded.vector",
+            [image_id, model_id, encode(vector)],
+        )
+        self.db.execute("delete from labels where image_id = ?", [image_id])
+        self.db.conn.executemany(
+            "insert into labels (image_id, rank, wnid, label, score) values (?, ?, ?, ?, ?)",
+            [(image_id, rank, *label) for rank, label in enumerate(labels, start=1)],
+        )
         if thumbnail:
             self.save_thumbnail(image_id, *thumbnail)
         return image_id
 
-    def _save_vector_and_labels(self, image_id, vector, labels, model_id) -> None:
-        self.db["vectors"].upsert(
-            {"image_id": image_id, "model": model_id, "vector": encode(vector)}, pk="image_id"
-        )
-        self.db.execute("delete from labels where image_id = ?", [image_id])
-        self.db["labels"].insert_all(
-            {"image_id": image_id, "rank": rank, "wnid": wnid, "label": label, "score": score}
-            for rank, (wnid, label, score) in enumerate(labels, start=1)
-        )
-
     def save_thumbnail(self, image_id: int, jpeg: bytes, width: int, height: int) -> None:
-        self.db["thumbnails"].upsert(
-            {"image_id": image_id, "jpeg": jpeg, "width": width, "height": height}, pk="image_id"
+        self.db.execute(
+            "insert or replace into thumbnails (image_id, jpeg, width, height) values (?, ?, ?, ?)",
+            [image_id, jpeg, width, height],
         )
 
     def move(self, image_id: int, path: str, mtime: float) -> None:
@@ -241,8 +338,7 @@ class Store:
     def copy(self, source_id: int, path: str, mtime: float) -> int:
         """A second file with known content: a new row that reuses the source's vector and labels."""
         source = self.by_id(source_id)
-        metadata = {k: source[k] for k in ("sha256", "size", "width", "height", "format",
-                                            "taken_at", "camera", "latitude", "longitude")}
+        metadata = {k: source[k] for k in _METADATA}
         labels = [(r["wnid"], r["label"], r["score"]) for r in self.labels_for(source_id)]
         thumb = self.db.execute(
             "select jpeg, width, height from thumbnails where image_id = ?", [source_id]

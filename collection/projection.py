@@ -1,0 +1,486 @@
+"""The collection map: 2-D coordinates for every image, and the sprite atlases it is drawn from.
+
+`project` lays out the vectors of all live images with PCA to 50 dimensions, then
+t-SNE (PCA alone past TSNE_LIMIT images, where t-SNE takes minutes), and stores them in
+``projection`` with coordinates in [0, 1]. Between recomputes `place_new` puts each new
+image at once near its nearest neighbours on the current map, marked ``placed``; once
+enough has changed, `needs_refresh` says so and `refresh_in_background` recomputes.
+
+The map page reads through `map_data` and `build_atlas`, which take a plain sqlite3
+connection so Datasette can run them with ``execute_fn``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+import threading
+import time
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+
+from .store import Store, now
+
+METHODS = ("auto", "tsne", "pca")
+# t-SNE up to this many images, PCA alone beyond: bench/map.py measured t-SNE at 10k
+# images in about 3 minutes on 2 cores, and it grows faster than linearly.
+TSNE_LIMIT = 20_000
+TSNE_MIN = 10  # fewer points than this give t-SNE nothing to work with
+PCA_DIMENSIONS = 50
+PERPLEXITY = 30.0
+NEIGHBOURS = 10  # a new image goes to the weighted mean of this many nearest neighbours
+SHARPNESS = 20.0  # neighbour weight exp(SHARPNESS * cosine): 0.05 closer counts e times more
+REFRESH_FRACTION = 0.2  # recompute once placed + unplaced images exceed this share of the map
+CHUNK = 4096  # vectors read at a time while searching for neighbours
+
+TILE = 64  # pixels a side of one thumbnail in an atlas
+ATLAS_COLUMNS = 16
+TILES_PER_ATLAS = ATLAS_COLUMNS * ATLAS_COLUMNS  # a 1024 x 1024 JPEG when full
+
+_LIVE_VECTORS = (
+    "from images join vectors on vectors.image_id = images.id where images.deleted_at is null"
+)
+
+
+class ProjectionError(Exception):
+    """The map cannot be made as asked; the message says why."""
+
+
+@dataclass
+class Projection:
+    method: str
+    images: int
+    placed: int  # images added while it was computed, placed near their neighbours
+    seconds: float
+
+    def line(self) -> str:
+        name = {"tsne": "t-SNE", "pca": "PCA"}[self.method]
+        extra = f"; {self.placed:,} added meanwhile were placed" if self.placed else ""
+        return f"{self.images:,} images projected with {name} in {self.seconds:.1f} s{extra}"
+
+
+# --- the layout -----------------------------------------------------------------------
+
+
+def choose_method(method: str, count: int) -> str:
+    if method not in METHODS:
+        raise ProjectionError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+    if count < TSNE_MIN:
+        return "pca"
+    if method == "auto":
+        return "tsne" if count <= TSNE_LIMIT else "pca"
+    return method
+
+
+def layout(
+    vectors: np.ndarray, method: str = "auto", perplexity: float = PERPLEXITY, seed: int = 0
+) -> tuple[np.ndarray, str]:
+    """(n, 2) coordinates in [0, 1] for n L2-normalised vectors, and the method used."""
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    count = len(vectors)
+    method = choose_method(method, count)
+    if count == 1:
+        return np.full((1, 2), 0.5), method
+    vectors = np.asarray(vectors, dtype=np.float32)
+    dims = min(PCA_DIMENSIONS if method == "tsne" else 2, count, vectors.shape[1])
+    reduced = PCA(dims, svd_solver="randomized", random_state=seed).fit_transform(vectors)
+    if method == "pca":
+        points = np.zeros((count, 2))
+        points[:, : reduced.shape[1]] = reduced
+    else:
+        points = TSNE(
+            2,
+            # sklearn refuses a perplexity of n or more; a third of n keeps small maps sane
+            perplexity=min(perplexity, (count - 1) / 3),
+            init="pca",
+            learning_rate="auto",
+            random_state=seed,
+        ).fit_transform(reduced)
+    return normalise(points), method
+
+
+def normalise(points: np.ndarray) -> np.ndarray:
+    """Scale both axes by the same factor into [0, 1] (keeping the shape), centred."""
+    points = points - points.min(axis=0)
+    span = points.max()
+    if span > 0:
+        points = points / span
+    return points + (1 - points.max(axis=0)) / 2
+
+
+def spatial_order(points: np.ndarray) -> np.ndarray:
+    """Each point's rank along a Z-order curve, so that an atlas of consecutive tiles
+    holds neighbouring images and a zoomed-in view needs only a few atlases."""
+    q = np.clip(points * 65535, 0, 65535).astype(np.uint64)
+
+    def spread(v):  # interleave zeros between the 16 bits
+        v = (v | (v << np.uint64(8))) & np.uint64(0x00FF00FF)
+        v = (v | (v << np.uint64(4))) & np.uint64(0x0F0F0F0F)
+        v = (v | (v << np.uint64(2))) & np.uint64(0x33333333)
+        return (v | (v << np.uint64(1))) & np.uint64(0x55555555)
+
+    codes = spread(q[:, 0]) | (spread(q[:, 1]) << np.uint64(1))
+    ranks = np.empty(len(points), dtype=np.int64)
+    ranks[np.argsort(codes, kind="stable")] = np.arange(len(points))
+    return ranks
+
+
+# --- computing and keeping the map --------------------------------------------------------
+
+
+@contextmanager
+def _write_lock(store: Store):
+    """A transaction that holds the write lock before its first read, so what it reads
+    (the map's version) cannot change before it writes; a deferred one would fail with
+    SQLITE_BUSY instead. Inside a caller's transaction it is that transaction's savepoint."""
+    if store.db.conn.in_transaction:
+        with store.db.atomic():
+            yield
+        return
+    store.db.conn.execute("begin immediate")
+    try:
+        yield
+    except BaseException:
+        store.db.conn.rollback()
+        raise
+    store.db.conn.commit()
+
+
+def project(
+    store: Store,
+    method: str = "auto",
+    perplexity: float = PERPLEXITY,
+    echo: Callable[[str], None] | None = None,
+) -> Projection:
+    """Lay out every live image with a vector and replace the map with it."""
+    echo = echo or (lambda message: None)
+    start = time.perf_counter()
+    rows = store.db.execute(
+        f"select images.id, images.sha256, vectors.vector {_LIVE_VECTORS} order by images.id"
+    ).fetchall()
+    if not rows:
+        raise ProjectionError(f"no images with vectors in {store.path}: add some first")
+    used = choose_method(method, len(rows))
+    ids = [row[0] for row in rows]
+    hashes = [row[1] for row in rows]
+    vectors = np.frombuffer(b"".join(row[2] for row in rows), "<f4").reshape(len(rows), -1)
+    del rows  # the blobs: at 50k images they are as big as the vectors
+    steps = "PCA to 2 dimensions" if used == "pca" else "PCA to 50 dimensions, then t-SNE"
+    echo(f"Projecting {len(ids):,} images: {steps}")
+    points, used = layout(vectors, used, perplexity)
+    tiles = spatial_order(points)
+    seconds = time.perf_counter() - start
+    with _write_lock(store):
+        store.db.execute("delete from projection")
+        store.db["projection"].insert_all(
+            (
+                {
+                    "image_id": image_id,
+                    "method": used,
+                    "x": float(x),
+                    "y": float(y),
+                    "placed": 0,
+                    "tile": int(tile),
+                    "sha256": sha256,
+                }
+                for image_id, sha256, (x, y), tile in zip(ids, hashes, points, tiles)
+            ),
+            batch_size=1000,
+        )
+        version = int(store.get_meta("projection_version") or 0) + 1
+        for key, value in {
+            "version": version,
+            "method": used,
+            "requested": method,
+            "perplexity": perplexity,
+            "at": now(),
+            "images": len(ids),
+            "seconds": round(seconds, 2),
+        }.items():
+            store.set_meta(f"projection_{key}", value)
+    # The watcher may have added images while the layout ran: put them on the new map now.
+    late = [row[0] for row in store.db.execute(
+        f"select images.id {_LIVE_VECTORS} and images.id not in (select image_id from projection)"
+    )]
+    placed = place_new(store, late)
+    return Projection(used, len(ids), placed, time.perf_counter() - start)
+
+
+def place_new(store: Store, image_ids: Iterable[int]) -> int:
+    """Put each of ``image_ids`` on the current map at once, at the weighted mean of the
+    positions of its nearest neighbours already on it (cosine over the stored vectors),
+    marked placed. An image already on the map with the same content stays where it is.
+    Does nothing while the collection has no map. Returns how many were placed."""
+    ids = sorted(set(int(i) for i in image_ids))
+    if not ids or store.get_meta("projection_version") is None:
+        return 0
+    for _ in range(3):  # again if a recompute replaced the map while we searched
+        version = store.get_meta("projection_version")
+        todo, vectors = _needing_place(store, ids)
+        if not todo:
+            return 0
+        positions = _positions(store, todo, vectors)
+        with _write_lock(store):
+            if store.get_meta("projection_version") != version:
+                continue
+            method = store.get_meta("projection_method")
+            next_tile = store.db.execute("select coalesce(max(tile), -1) + 1 from projection").fetchone()[0]
+            store.db["projection"].upsert_all(
+                (
+                    {
+                        "image_id": image_id,
+                        "method": method,
+                        "x": float(x),
+                        "y": float(y),
+                        "placed": 1,
+                        # a new tile: the old one, if any, shows the content it had before
+                        "tile": next_tile + i,
+                        "sha256": sha256,
+                    }
+                    for i, ((image_id, sha256), (x, y)) in enumerate(zip(todo, positions))
+                ),
+                pk="image_id",
+            )
+            return len(todo)
+    return 0
+
+
+def _needing_place(store: Store, ids: list[int]) -> tuple[list[tuple[int, str]], np.ndarray]:
+    """Of ``ids``, the live images with a vector that are not on the map with this content."""
+    todo, blobs = [], []
+    for start in range(0, len(ids), 500):
+        part = ids[start : start + 500]
+        for image_id, sha256, blob in store.db.execute(
+            f"select images.id, images.sha256, vectors.vector {_LIVE_VECTORS} "
+            f"and images.id in ({','.join('?' * len(part))}) and not exists (select 1 from "
+            "projection p where p.image_id = images.id and p.sha256 is images.sha256)",
+            part,
+        ):
+            todo.append((image_id, sha256))
+            blobs.append(blob)
+    if not todo:
+        return [], np.empty((0, 0), dtype=np.float32)
+    return todo, np.frombuffer(b"".join(blobs), "<f4").reshape(len(todo), -1)
+
+
+def _positions(store: Store, todo: list[tuple[int, str]], vectors: np.ndarray) -> np.ndarray:
+    """Weighted mean positions of each vector's nearest neighbours on the map, read in
+    chunks so memory stays small however large the collection."""
+    skip = {image_id for image_id, _ in todo}
+    count = len(todo)
+    best = np.full((count, NEIGHBOURS), -np.inf, dtype=np.float32)
+    best_xy = np.full((count, NEIGHBOURS, 2), 0.5)
+    cursor = store.db.execute(
+        "select p.image_id, p.x, p.y, vectors.vector from projection p "
+        "join images on images.id = p.image_id join vectors on vectors.image_id = p.image_id "
+        "where images.deleted_at is null"
+    )
+    while rows := cursor.fetchmany(CHUNK):
+        rows = [row for row in rows if row[0] not in skip]
+        if not rows:
+            continue
+        anchors = np.frombuffer(b"".join(row[3] for row in rows), "<f4").reshape(len(rows), -1)
+        xy = np.array([(row[1], row[2]) for row in rows])
+        sims = np.concatenate([best, vectors @ anchors.T], axis=1)
+        both_xy = np.concatenate([best_xy, np.broadcast_to(xy, (count, len(rows), 2))], axis=1)
+        top = np.argpartition(-sims, NEIGHBOURS - 1, axis=1)[:, :NEIGHBOURS]
+        best = np.take_along_axis(sims, top, axis=1)
+        best_xy = np.take_along_axis(both_xy, top[:, :, None], axis=1)
+    # A map whose images have all gone leaves the new ones in the middle (weights all equal).
+    finite = np.where(np.isfinite(best), best, 0.0)
+    weights = np.exp(SHARPNESS * (finite - finite.max(axis=1, keepdims=True)))
+    return (weights[:, :, None] * best_xy).sum(axis=1) / weights.sum(axis=1)[:, None]
+
+
+def summary(conn: sqlite3.Connection) -> dict | None:
+    """What the map holds: None without one; else how it was made and how current it is."""
+    meta = dict(conn.execute("select key, value from collection_meta where key like 'projection\\_%' escape '\\'"))
+    if "projection_version" not in meta or not _has_projection_table(conn):
+        return None
+    counts = conn.execute(
+        "select coalesce(sum(p.placed = 0), 0), coalesce(sum(p.placed = 1), 0) "
+        "from projection p join images on images.id = p.image_id where images.deleted_at is null"
+    ).fetchone()
+    unplaced = conn.execute(
+        f"select count(*) {_LIVE_VECTORS} and not exists (select 1 from projection p "
+        "where p.image_id = images.id and p.sha256 is images.sha256)"
+    ).fetchone()[0]
+    return {
+        "version": int(meta["projection_version"]),
+        "method": meta.get("projection_method"),
+        "perplexity": float(meta.get("projection_perplexity") or PERPLEXITY),
+        "at": meta.get("projection_at"),
+        "seconds": float(meta.get("projection_seconds") or 0),
+        "projected": counts[0],
+        "placed": counts[1],
+        "unplaced": unplaced,
+    }
+
+
+def needs_refresh(store: Store) -> bool:
+    """Whether enough has changed since the map was computed to compute it again:
+    images placed since, plus images not on it yet, over REFRESH_FRACTION of it."""
+    state = summary(store.db.conn)
+    if state is None:
+        return False
+    return state["placed"] + state["unplaced"] > REFRESH_FRACTION * max(state["projected"], 1)
+
+
+_refreshing = threading.Lock()
+
+
+def refresh_in_background(store: Store) -> threading.Thread | None:
+    """Recompute the map in a daemon thread (with its own connection) when it needs it,
+    as it was last asked for. None when nothing is due or a recompute is already running."""
+    if not needs_refresh(store) or not _refreshing.acquire(blocking=False):
+        return None
+    method = store.get_meta("projection_requested") or "auto"
+    perplexity = float(store.get_meta("projection_perplexity") or PERPLEXITY)
+    path = store.path
+
+    def run() -> None:
+        try:
+            own = Store(path)
+            try:
+                project(own, method, perplexity)
+            finally:
+                own.close()
+        finally:
+            _refreshing.release()
+
+    thread = threading.Thread(target=run, name="projection-refresh", daemon=True)
+    thread.start()
+    return thread
+
+
+# --- what the map page reads --------------------------------------------------------------
+
+
+def _has_projection_table(conn: sqlite3.Connection) -> bool:
+    # Datasette may serve a database no `collection` command has upgraded yet.
+    return conn.execute(
+        "select 1 from sqlite_master where type = 'table' and name = 'projection'"
+    ).fetchone() is not None
+
+
+def map_data(conn: sqlite3.Connection) -> dict:
+    """Every live image on the map, once, as parallel arrays (compact at 50k images).
+
+    ``labels`` and ``top_label`` hold indexes into ``label_names``, commonest first;
+    ``tile`` is the image's place in the atlases; ``atlases[n]`` changes whenever atlas
+    n does, for the browser's cache.
+    """
+    state = summary(conn)
+    columns = {"id": [], "x": [], "y": [], "top_label": [], "labels": [], "placed": [], "tile": []}
+    result = {
+        "projection": state,
+        "label_names": [],
+        "images": columns,
+        "atlas": {"tile": TILE, "columns": ATLAS_COLUMNS, "per_atlas": TILES_PER_ATLAS, "keys": []},
+    }
+    if state is None:
+        return result
+    rows = conn.execute(
+        "select p.image_id, p.x, p.y, p.placed, p.tile, images.labels, images.top_label "
+        "from projection p join images on images.id = p.image_id "
+        "where images.deleted_at is null order by p.tile"
+    ).fetchall()
+    per_image = []
+    frequency: dict[str, int] = {}
+    for row in rows:
+        names = json.loads(row[5] or "[]") or ([row[6]] if row[6] else [])
+        per_image.append(names)
+        for name in names:
+            frequency[name] = frequency.get(name, 0) + 1
+    label_names = sorted(frequency, key=lambda name: (-frequency[name], name))
+    index = {name: i for i, name in enumerate(label_names)}
+    result["label_names"] = label_names
+    if rows:
+        xy = np.round(np.array([(row[1], row[2]) for row in rows]), 5)
+        columns["x"] = xy[:, 0].tolist()
+        columns["y"] = xy[:, 1].tolist()
+    columns["id"] = [row[0] for row in rows]
+    columns["placed"] = [row[3] for row in rows]
+    columns["tile"] = [row[4] for row in rows]
+    columns["labels"] = [[index[name] for name in names] for names in per_image]
+    columns["top_label"] = [index.get(row[6], -1) for row in rows]
+    result["atlas"]["keys"] = atlas_keys(conn, state["version"])
+    return result
+
+
+def _atlas_rows(conn: sqlite3.Connection, what: str, where: str = "", params=()) -> sqlite3.Cursor:
+    return conn.execute(
+        f"select {what} from projection p join images on images.id = p.image_id "
+        f"join thumbnails t on t.image_id = p.image_id where images.deleted_at is null {where}",
+        params,
+    )
+
+
+def _key(version, count, updated, ids) -> str:
+    # Changes when a tile is added, emptied (deleted, moved on) or its image is updated.
+    return f"{version}-{count}-{zlib.crc32(f'{updated}/{ids}'.encode()):08x}"
+
+
+def atlas_keys(conn: sqlite3.Connection, version: int) -> list[str]:
+    """A key per atlas that changes with its content ("" for an atlas with no tiles)."""
+    rows = _atlas_rows(
+        conn,
+        f"p.tile / {TILES_PER_ATLAS}, count(*), max(images.updated_at), sum(p.image_id)",
+        "group by 1",
+    ).fetchall()
+    keys = [""] * (max((row[0] for row in rows), default=-1) + 1)
+    for n, count, updated, ids in rows:
+        keys[n] = _key(version, count, updated, ids)
+    return keys
+
+
+def atlas_key(conn: sqlite3.Connection, n: int) -> str | None:
+    """The key of atlas ``n`` as `atlas_keys` gives it; None when it has no tiles."""
+    state = conn.execute(
+        "select value from collection_meta where key = 'projection_version'"
+    ).fetchone()
+    if state is None or not _has_projection_table(conn):
+        return None
+    first = n * TILES_PER_ATLAS
+    count, updated, ids = _atlas_rows(
+        conn,
+        "count(*), max(images.updated_at), sum(p.image_id)",
+        "and p.tile >= ? and p.tile < ?",
+        [first, first + TILES_PER_ATLAS],
+    ).fetchone()
+    return _key(int(state[0]), count, updated, ids) if count else None
+
+
+def build_atlas(conn: sqlite3.Connection, n: int) -> bytes | None:
+    """Atlas ``n``: the thumbnails of tiles n*TILES_PER_ATLAS onwards, each cropped to a
+    TILE-pixel square, ATLAS_COLUMNS to a row, as one JPEG. None when it has no tiles."""
+    from PIL import Image, ImageOps
+
+    first = n * TILES_PER_ATLAS
+    rows = _atlas_rows(
+        conn, "p.tile, t.jpeg", "and p.tile >= ? and p.tile < ?", [first, first + TILES_PER_ATLAS]
+    ).fetchall()
+    if not rows:
+        return None
+    height = ((max(tile for tile, _ in rows) - first) // ATLAS_COLUMNS + 1) * TILE
+    atlas = Image.new("RGB", (ATLAS_COLUMNS * TILE, height), (48, 48, 48))
+    for tile, jpeg in rows:
+        try:
+            thumb = Image.open(io.BytesIO(jpeg))
+            thumb.draft("RGB", (TILE, TILE))  # JPEG: decode at reduced scale, much faster
+            thumb = ImageOps.fit(thumb.convert("RGB"), (TILE, TILE))
+        except Exception:  # a broken thumbnail leaves its tile blank; the map still draws
+            continue
+        slot = tile - first
+        atlas.paste(thumb, (slot % ATLAS_COLUMNS * TILE, slot // ATLAS_COLUMNS * TILE))
+    out = io.BytesIO()
+    atlas.save(out, "JPEG", quality=80)
+    return out.getvalue()
+

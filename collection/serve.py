@@ -1,0 +1,206 @@
+"""Serve the collection with Datasette: where the plugin and metadata live, and the
+blocking work the plugin runs off the event loop (page data, reading image files).
+
+Nothing here imports TensorFlow: the plugin imports this module.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sqlite3
+import stat
+from pathlib import Path
+
+import datasette_plugins
+
+PLUGINS_DIR = Path(datasette_plugins.__file__).resolve().parent
+# metadata.yml names the database "collection"; a --db of another name gets the same block.
+METADATA_DATABASE = "collection"
+MAX_K = 100
+
+MEDIA_TYPES = {
+    "JPEG": "image/jpeg",
+    "MPO": "image/jpeg",
+    "PNG": "image/png",
+    "GIF": "image/gif",
+    "WEBP": "image/webp",
+    "BMP": "image/bmp",
+    "TIFF": "image/tiff",
+}
+
+
+class Refused(Exception):
+    """A request the plugin answers with an error; the message says why, for a person."""
+
+
+def find_metadata() -> Path | None:
+    """metadata.yml beside the package (the project is installed editable), else in the
+    current folder; None when neither has one."""
+    for folder in (PLUGINS_DIR.parent, Path.cwd()):
+        candidate = folder / "metadata.yml"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_metadata(path: str | Path | None, database: str) -> dict:
+    """The metadata file, with its collection block under the name Datasette gives ``database``."""
+    from datasette.utils import parse_metadata
+
+    if path is None:
+        return {}
+    metadata = parse_metadata(Path(path).read_text())
+    databases = metadata.get("databases") or {}
+    if database not in databases and METADATA_DATABASE in databases:
+        databases[database] = databases.pop(METADATA_DATABASE)
+    return metadata
+
+
+def open_datasette(db_path: str | Path, metadata_path: str | Path | None = None, **kwargs):
+    """A Datasette for one collection database, with the plugin and the metadata."""
+    from datasette.app import Datasette
+
+    return Datasette(
+        [str(db_path)],
+        metadata=load_metadata(metadata_path, Path(db_path).stem),
+        plugins_dir=str(PLUGINS_DIR),
+        **kwargs,
+    )
+
+
+def run(db_path: str | Path, host: str, port: int, metadata_path: str | Path | None) -> None:
+    """Start Datasette the way `datasette serve` does, and block until stopped."""
+    import asyncio
+
+    import uvicorn
+
+    ds = open_datasette(db_path, metadata_path)
+    asyncio.run(ds.invoke_startup())
+    uvicorn.run(ds.app(), host=host, port=port, log_level="info", lifespan="on")
+
+
+# --- request parameters -------------------------------------------------------------
+
+
+def parse_k(value: str | None, default: int = 10) -> int:
+    if value in (None, ""):
+        return default
+    try:
+        k = int(value)
+    except ValueError:
+        raise Refused(f"k must be a whole number from 1 to {MAX_K}, not {value!r}") from None
+    if not 1 <= k <= MAX_K:
+        raise Refused(f"k must be a whole number from 1 to {MAX_K}, not {value!r}")
+    return k
+
+
+def parse_min_score(value: str | None, default: float = 0.0) -> float:
+    if value in (None, ""):
+        return default
+    try:
+        score = float(value)
+    except ValueError:
+        score = math.nan
+    if not -1.0 <= score <= 1.0:  # also refuses nan
+        raise Refused(f"min_score must be a number from -1 to 1 (cosine), not {value!r}")
+    return score
+
+
+# --- reads, run through Database.execute_fn -----------------------------------------
+
+
+def _dicts(cursor: sqlite3.Cursor) -> list[dict]:
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+
+def live_image(conn: sqlite3.Connection, image_id: int) -> dict | None:
+    """The images row for ``image_id`` unless it is missing or deleted."""
+    rows = _dicts(
+        conn.execute(
+            "select id, path, size, mtime, width, height, format, taken_at, camera, "
+            "top_label, top_score, added_at from images where id = ? and deleted_at is null",
+            [image_id],
+        )
+    )
+    return rows[0] if rows else None
+
+
+def similar_page(conn: sqlite3.Connection, image_id: int, neighbours: list[tuple[int, float]]) -> dict:
+    """The rows a similar page shows: the image, its labels, and its neighbours in order."""
+    image = live_image(conn, image_id)
+    if image is None:
+        raise KeyError(image_id)
+    labels = _dicts(
+        conn.execute(
+            "select rank, label, wnid, score from labels where image_id = ? order by rank",
+            [image_id],
+        )
+    )
+    ids = [n for n, _ in neighbours]
+    rows = {}
+    if ids:
+        marks = ",".join("?" * len(ids))
+        for row in _dicts(
+            conn.execute(
+                f"select id, path, top_label, top_score from images "
+                f"where deleted_at is null and id in ({marks})",
+                ids,
+            )
+        ):
+            rows[row["id"]] = row
+    similar = [
+        {**rows[n], "score": score} for n, score in neighbours if n in rows
+    ]  # a row deleted between the index query and this read is left out
+    for row in (image, *similar):
+        row["name"] = os.path.basename(row["path"])
+    return {"image": image, "labels": labels, "similar": similar}
+
+
+def index_status(status: dict) -> dict:
+    """What a page says about the index; not where its file is on the server."""
+    return {key: status.get(key) for key in ("model", "indexed", "unindexed", "built_at", "n_trees")}
+
+
+def thumbnail(conn: sqlite3.Connection, image_id: int) -> bytes | None:
+    row = conn.execute(
+        "select jpeg from thumbnails join images on images.id = thumbnails.image_id "
+        "where image_id = ? and deleted_at is null",
+        [image_id],
+    ).fetchone()
+    return row[0] if row else None
+
+
+# --- the full-size file -------------------------------------------------------------
+
+
+def read_image_file(row: dict) -> bytes:
+    """The bytes of the file an images row describes, and nothing else.
+
+    Only the row's own path is opened (a request never names a file). Symlinks are
+    resolved; the target must be a regular file with the size and mtime recorded
+    when it was added, so a file replaced since, or a symlink re-pointed at some
+    other file, is refused until it is added again. The checks run on the open
+    descriptor, so a swap between check and read cannot slip through.
+    """
+    real = os.path.realpath(row["path"])
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(real, flags)  # O_NONBLOCK: a FIFO put in a file's place must not hang us
+    except OSError:
+        raise Refused("the file is no longer there") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise Refused("not a regular file")
+        if st.st_size != row["size"] or st.st_mtime != row["mtime"]:
+            raise Refused("the file has changed since it was added; add it again to view it")
+        data = f.read(st.st_size + 1)
+    if len(data) != row["size"]:
+        raise Refused("the file has changed since it was added; add it again to view it")
+    return data
+
+
+def media_type(fmt: str | None) -> str | None:
+    return MEDIA_TYPES.get((fmt or "").upper())

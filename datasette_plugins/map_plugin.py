@@ -1,0 +1,105 @@
+"""Datasette plugin for the collection map: the page ``/-/map``, its data ``/-/map.json``
+and the thumbnail sprite atlases ``/-/map/atlas/<n>.jpg``.
+
+Thin on purpose: the work is in ``collection.projection``, and nothing here imports
+TensorFlow. The collection database, its permission checks and the templates folder
+(map.html) come from the collection plugin beside this one. Requests name atlases by
+number only; no part of a request path reaches the filesystem.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+from datasette import Response, hookimpl
+from datasette.utils.asgi import NotFound
+
+from collection import projection
+from datasette_plugins.collection_plugin import collection_db, collection_name
+
+ATLAS_CACHE = 256  # atlases kept in memory: about 30 MB, every atlas of a 50k-image map
+_atlases: OrderedDict[tuple, bytes] = OrderedDict()
+
+
+@hookimpl
+def register_routes():
+    return [
+        (r"^/-/map$", map_page),
+        (r"^/-/map\.json$", map_json),
+        (r"^/-/map/atlas/(?P<n>[0-9]{1,6})\.jpg$", atlas),
+    ]
+
+
+@hookimpl
+def menu_links(datasette):
+    async def inner():
+        if await collection_name(datasette) is None:
+            return []
+        return [{"href": datasette.urls.path("/-/map"), "label": "Collection map"}]
+
+    return inner
+
+
+async def map_page(datasette, request):
+    db = await collection_db(datasette, request)
+    state = await db.execute_fn(projection.summary)
+    urls = datasette.urls
+    config = {
+        "data": urls.path("/-/map.json"),
+        "atlas": urls.path("/-/map/atlas/"),
+        "thumbnail": urls.path("/-/thumbnail/"),
+        "similar": urls.path("/-/similar/"),
+    }
+    return Response.html(
+        await datasette.render_template(
+            "map.html",
+            {
+                "state": state,
+                "config": config,
+                "database": db.name,
+                "db_file": Path(db.path).name if db.path else db.name,
+            },
+            request=request,
+        )
+    )
+
+
+async def map_json(datasette, request):
+    db = await collection_db(datasette, request)
+    data = await db.execute_fn(projection.map_data)
+    # Compact separators: at 50k images the spaces alone would be half a megabyte.
+    return Response(
+        json.dumps(data, separators=(",", ":")),
+        content_type="application/json; charset=utf-8",
+        headers={"Cache-Control": "no-cache"},
+    )
+
+
+async def atlas(datasette, request):
+    db = await collection_db(datasette, request)
+    n = int(request.url_vars["n"])
+    key = await db.execute_fn(lambda conn: projection.atlas_key(conn, n))
+    if key is None:
+        raise NotFound(f"No atlas {n} on the map")
+    cache_key = (db.path, n, key)
+    jpeg = _atlases.get(cache_key)
+    if jpeg is None:
+        jpeg = await db.execute_fn(lambda conn: projection.build_atlas(conn, n))
+        if jpeg is None:
+            raise NotFound(f"No atlas {n} on the map")
+        _atlases[cache_key] = jpeg
+        while len(_atlases) > ATLAS_CACHE:
+            _atlases.popitem(last=False)
+    _atlases.move_to_end(cache_key)
+    # The page asks for ?v=<key>: that URL's content never changes, so it may be cached.
+    versioned = request.args.get("v") == key
+    return Response(
+        jpeg,
+        content_type="image/jpeg",
+        headers={
+            "Cache-Control": "max-age=86400" if versioned else "no-cache",
+            "X-Content-Type-Options": "nosniff",
+        },
+    )

@@ -1,0 +1,397 @@
+"""The collection map: projection, placing new images, refreshing, the `map` command,
+and the map page's JSON and atlases through datasette.client. No model: tiny synthetic
+collections of clustered unit vectors with thumbnails drawn by Pillow."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import pytest_asyncio
+from click.testing import CliRunner
+from datasette.app import Datasette
+from PIL import Image, ImageDraw, ImageOps
+
+from collection import projection
+from collection.cli import cli
+from collection.serve import PLUGINS_DIR
+from collection.store import Store
+
+DIMENSIONS = 128
+LABELS = [
+    "tabby", "goldfish", "volcano", "daisy", "sports car", "pizza", "lighthouse", "zebra",
+    "espresso", "jellyfish", "castle", "tractor", "strawberry", "toucan", "umbrella", "banjo",
+]  # fmt: skip
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype("<f4")
+
+
+def cluster_centres(clusters: int, dimensions: int = DIMENSIONS, seed: int = 0) -> np.ndarray:
+    return unit(np.random.default_rng(seed).normal(size=(clusters, dimensions)))
+
+
+def pattern(cluster: int, variant: int, size: tuple[int, int] = (96, 72)) -> Image.Image:
+    """A picture per cluster (stripes, checks or rings in two colours); variants of one
+    cluster differ a little in offset and brightness, like near-duplicate photos."""
+    rng = np.random.default_rng(cluster)
+    fg, bg = (tuple(int(c) for c in rng.integers(30, 256, 3)) for _ in range(2))
+    shade = 1 + 0.04 * (variant % 3 - 1)
+    fg, bg = (tuple(min(255, int(c * shade)) for c in colour) for colour in (fg, bg))
+    image = Image.new("RGB", size, bg)
+    draw = ImageDraw.Draw(image)
+    w, h = size
+    step = 8 + cluster % 5 * 3
+    shift = variant * 2
+    kind = cluster % 3
+    if kind == 0:  # diagonal stripes
+        for x in range(-h, w + h, step * 2):
+            draw.polygon([(x + shift, 0), (x + shift + step, 0), (x + shift + step - h, h), (x + shift - h, h)], fill=fg)
+    elif kind == 1:  # checks
+        for y in range(0, h, step):
+            for x in range(0, w, step):
+                if (x // step + y // step) % 2:
+                    draw.rectangle([x + shift, y, x + shift + step - 1, y + step - 1], fill=fg)
+    else:  # rings
+        for r in range(max(w, h), 0, -step):
+            if (r // step) % 2:
+                draw.ellipse([w / 2 - r + shift, h / 2 - r, w / 2 + r + shift, h / 2 + r], fill=fg)
+            else:
+                draw.ellipse([w / 2 - r + shift, h / 2 - r, w / 2 + r + shift, h / 2 + r], fill=bg)
+    return image
+
+
+def jpeg(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=85)
+    return out.getvalue()
+
+
+def add_image(store: Store, name: str, vector: np.ndarray, labels: list[str], thumb: Image.Image) -> int:
+    """One row as ingest writes it (in a transaction), without a model or a file."""
+    with store.db.atomic():
+        return store.save_image(
+            f"/synthetic/{name}",
+            0.0,
+            {"sha256": f"sha-{name}", "size": 1000, "width": thumb.width, "height": thumb.height, "format": "JPEG"},
+            vector,
+            [(f"n{i:08d}", label, round(0.6 / (i + 1), 3)) for i, label in enumerate(labels)],
+            "synthetic",
+            (jpeg(thumb), thumb.width, thumb.height),
+        )
+
+
+def make_collection(
+    db_path, clusters: int = 6, per_cluster: int = 8, spread: float = 0.15, seed: int = 0
+) -> dict[int, int]:
+    """Clusters of near-duplicates: vectors scattered around a centre per cluster, a
+    pattern per cluster for the thumbnails, the cluster's label first. Returns id -> cluster."""
+    rng = np.random.default_rng(seed + 1)
+    centres = cluster_centres(clusters, seed=seed)
+    store = Store(db_path)
+    store.claim_model("synthetic", DIMENSIONS, "fp32")
+    members = {}
+    with store.db.atomic():
+        for c in range(clusters):
+            others = [LABELS[(c + k) % len(LABELS)] for k in (1, 2, 3, 4)]
+            for v in range(per_cluster):
+                vector = unit(centres[c] + spread * rng.normal(size=DIMENSIONS) / np.sqrt(DIMENSIONS) * 4)
+                image_id = add_image(store, f"c{c:02d}_v{v}.jpg", vector, [LABELS[c % len(LABELS)], *others], pattern(c, v))
+                members[image_id] = c
+    store.close()
+    return members
+
+
+def positions(store: Store) -> dict[int, tuple[float, float, int]]:
+    return {row[0]: (row[1], row[2], row[3]) for row in store.db.execute("select image_id, x, y, placed from projection")}
+
+
+@pytest.fixture
+def collection(db_path):
+    return db_path, make_collection(db_path)
+
+
+# --- projecting ------------------------------------------------------------------------
+
+
+def test_project_fills_the_table_with_clusters_kept_together(collection):
+    db_path, members = collection
+    store = Store(db_path)
+    result = projection.project(store, "tsne")
+    assert (result.method, result.images, result.placed) == ("tsne", len(members), 0)
+    rows = list(store.db["projection"].rows)
+    assert sorted(r["image_id"] for r in rows) == sorted(members)
+    assert {(r["method"], r["placed"]) for r in rows} == {("tsne", 0)}
+    assert sorted(r["tile"] for r in rows) == list(range(len(members)))
+    points = np.array([(r["x"], r["y"]) for r in rows])
+    assert points.shape == (len(members), 2)
+    assert points.min() >= 0 and points.max() <= 1 and np.isclose(np.ptp(points, axis=0).max(), 1)
+    # every image is nearer its own cluster's centroid than any other cluster's
+    labels = np.array([members[r["image_id"]] for r in rows])
+    centroids = np.array([points[labels == c].mean(axis=0) for c in range(labels.max() + 1)])
+    nearest = np.linalg.norm(points[:, None] - centroids[None], axis=2).argmin(axis=1)
+    assert (nearest == labels).all()
+    meta = {k: store.get_meta(f"projection_{k}") for k in ("method", "images", "version", "requested")}
+    assert meta == {"method": "tsne", "images": str(len(members)), "version": "1", "requested": "tsne"}
+
+
+def test_auto_uses_pca_alone_for_large_collections():
+    assert projection.choose_method("auto", 500) == "tsne"
+    assert projection.choose_method("auto", projection.TSNE_LIMIT + 1) == "pca"
+    assert projection.choose_method("tsne", projection.TSNE_LIMIT + 1) == "tsne"  # when asked
+    assert projection.choose_method("tsne", 3) == "pca"  # too few for t-SNE
+    with pytest.raises(projection.ProjectionError):
+        projection.choose_method("umap", 100)
+
+
+@pytest.mark.parametrize("count", [1, 2, 5])
+def test_tiny_collections_get_a_map(db_path, count):
+    make_collection(db_path, clusters=1, per_cluster=count)
+    store = Store(db_path)
+    result = projection.project(store)
+    points = np.array([(x, y) for x, y, _ in positions(store).values()])
+    assert result.images == count and points.shape == (count, 2)
+    assert ((0 <= points) & (points <= 1)).all()
+
+
+def test_pca_method_and_deleted_images_left_out(collection):
+    db_path, members = collection
+    store = Store(db_path)
+    gone = sorted(members)[:3]
+    store.mark_deleted(gone)
+    result = projection.project(store, "pca")
+    assert result.method == "pca"
+    assert set(positions(store)) == set(members) - set(gone)
+
+
+def test_project_refuses_an_empty_collection(db_path):
+    with pytest.raises(projection.ProjectionError, match="no images"):
+        projection.project(Store(db_path))
+
+
+# --- keeping it current ------------------------------------------------------------------
+
+
+def test_place_new_does_nothing_without_a_map(collection):
+    db_path, members = collection
+    store = Store(db_path)
+    assert projection.place_new(store, list(members)) == 0
+    assert store.db["projection"].count == 0
+    assert projection.summary(store.db.conn) is None
+    assert not projection.needs_refresh(store)
+
+
+def test_new_image_is_placed_near_its_neighbours(collection):
+    db_path, members = collection
+    store = Store(db_path)
+    projection.project(store)
+    before = positions(store)
+    centres = cluster_centres(6)
+    rng = np.random.default_rng(99)
+    new_id = add_image(store, "new.jpg", unit(centres[4] + 0.02 * rng.normal(size=DIMENSIONS)), [LABELS[4]], pattern(4, 9))
+
+    assert projection.place_new(store, [new_id]) == 1
+    after = positions(store)
+    x, y, placed = after[new_id]
+    assert placed == 1
+    assert {k: v for k, v in after.items() if k != new_id} == before  # nothing else moved
+    centroids = {
+        c: np.mean([before[i][:2] for i, m in members.items() if m == c], axis=0) for c in range(6)
+    }
+    distances = {c: np.hypot(x - cx, y - cy) for c, (cx, cy) in centroids.items()}
+    assert min(distances, key=distances.get) == 4
+    tile = store.db.execute("select tile from projection where image_id = ?", [new_id]).fetchone()[0]
+    assert tile == len(members)  # a new tile after the projected ones
+
+
+def test_place_new_leaves_unchanged_images_and_replaces_changed_content(collection):
+    db_path, members = collection
+    store = Store(db_path)
+    projection.project(store)
+    first = sorted(members)[0]
+    assert projection.place_new(store, [first]) == 0  # on the map with this content already
+    assert positions(store)[first][2] == 0
+    # the same path with new content (another cluster's vector): placed again
+    row = store.by_id(first)
+    with store.db.atomic():
+        store.save_image(
+            row["path"], 1.0, {"sha256": "changed", "size": 1, "width": 8, "height": 8, "format": "JPEG"},
+            cluster_centres(6)[5], [("n0", LABELS[5], 0.9)], "synthetic",
+        )  # fmt: skip
+    assert projection.place_new(store, [first, first]) == 1
+    assert positions(store)[first][2] == 1
+    assert store.db.execute("select sha256 from projection where image_id = ?", [first]).fetchone()[0] == "changed"
+
+
+def test_needs_refresh_once_enough_has_changed_and_refresh_recomputes(collection):
+    db_path, members = collection
+    store = Store(db_path)
+    projection.project(store)
+    assert not projection.needs_refresh(store)
+    assert projection.refresh_in_background(store) is None
+    rng = np.random.default_rng(5)
+    new = [
+        add_image(store, f"late{i}.jpg", unit(rng.normal(size=DIMENSIONS)), [LABELS[i]], pattern(i, 0))
+        for i in range(int(len(members) * projection.REFRESH_FRACTION) + 1)
+    ]
+    projection.place_new(store, new[:2])
+    assert projection.summary(store.db.conn) | {"at": None, "seconds": 0} == {
+        "version": 1, "method": "tsne", "perplexity": 30.0, "at": None, "seconds": 0,
+        "projected": len(members), "placed": 2, "unplaced": len(new) - 2,
+    }  # fmt: skip
+    assert projection.needs_refresh(store)
+
+    thread = projection.refresh_in_background(store)
+    assert thread is not None
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    state = projection.summary(store.db.conn)
+    assert (state["version"], state["projected"], state["placed"], state["unplaced"]) == (
+        2, len(members) + len(new), 0, 0,
+    )  # fmt: skip
+    assert not projection.needs_refresh(store)
+
+
+def test_images_added_during_a_projection_are_placed_on_it(collection, monkeypatch):
+    db_path, members = collection
+    store = Store(db_path)
+    layout = projection.layout
+
+    def slow_layout(*args, **kwargs):  # the watcher adds an image while t-SNE runs
+        other = Store(db_path)
+        add_image(other, "meanwhile.jpg", cluster_centres(6)[2], [LABELS[2]], pattern(2, 5))
+        other.close()
+        return layout(*args, **kwargs)
+
+    monkeypatch.setattr(projection, "layout", slow_layout)
+    result = projection.project(store)
+    assert (result.images, result.placed) == (len(members), 1)
+    assert len(positions(store)) == len(members) + 1
+
+
+def test_map_command(collection):
+    db_path, members = collection
+    runner = CliRunner()
+    result = runner.invoke(cli, ["map", "--db", str(db_path), "--method", "pca"])
+    assert result.exit_code == 0, result.output
+    assert f"{len(members)} images projected with PCA in" in result.output
+    result = runner.invoke(cli, ["map", "--db", str(db_path), "--perplexity", "5"])
+    assert result.exit_code == 0, result.output
+    assert "projected with t-SNE" in result.output
+    assert Store(db_path).get_meta("projection_version") == "2"
+
+
+def test_map_command_errors_are_one_line(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["map", "--db", str(tmp_path / "missing.db")])
+    assert result.exit_code == 1 and "no collection database" in result.output
+    Store(tmp_path / "empty.db").close()
+    result = runner.invoke(cli, ["map", "--db", str(tmp_path / "empty.db")])
+    assert result.exit_code == 1 and "no images with vectors" in result.output
+    assert "Traceback" not in result.output
+
+
+# --- the page, its data and its atlases ----------------------------------------------------
+
+
+@pytest_asyncio.fixture
+async def mapped(collection):
+    db_path, members = collection
+    store = Store(db_path)
+    projection.project(store)
+    gone = sorted(members)[-1]
+    store.mark_deleted([gone])
+    late = add_image(store, "late.jpg", cluster_centres(6)[1], [LABELS[1], "<script>alert(1)</script>"], pattern(1, 4))
+    projection.place_new(store, [late])
+    store.close()
+    ds = Datasette([str(db_path)], plugins_dir=str(PLUGINS_DIR))
+    await ds.invoke_startup()
+    return ds, members, gone, late
+
+
+@pytest.mark.asyncio
+async def test_map_json_returns_every_live_image_once(mapped):
+    ds, members, gone, late = mapped
+    response = await ds.client.get("/-/map.json")
+    assert response.status_code == 200
+    data = response.json()
+    images = data["images"]
+    expected = sorted(set(members) - {gone} | {late})
+    assert sorted(images["id"]) == expected and len(images["id"]) == len(expected)
+    assert {len(column) for column in images.values()} == {len(expected)}
+    assert all(0 <= v <= 1 for v in images["x"] + images["y"])
+    names = data["label_names"]
+    at = images["id"].index(late)
+    assert images["placed"][at] == 1 and sum(images["placed"]) == 1
+    assert [names[i] for i in images["labels"][at]] == [LABELS[1], "<script>alert(1)</script>"]
+    assert names[images["top_label"][at]] == LABELS[1]
+    assert data["projection"]["projected"] == len(members) - 1
+    assert data["projection"]["placed"] == 1
+    assert data["atlas"]["per_atlas"] == projection.TILES_PER_ATLAS and len(data["atlas"]["keys"]) == 1
+    assert b'": ' not in response.content  # compact
+
+
+@pytest.mark.asyncio
+async def test_atlas_packs_the_thumbnails(mapped):
+    ds, members, gone, late = mapped
+    data = (await ds.client.get("/-/map.json")).json()
+    key = data["atlas"]["keys"][0]
+    response = await ds.client.get(f"/-/map/atlas/0.jpg?v={key}")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/jpeg"
+    assert response.headers["cache-control"] == "max-age=86400"
+    atlas = Image.open(io.BytesIO(response.content))
+    tiles = max(data["images"]["tile"]) + 1
+    rows = -(-tiles // projection.ATLAS_COLUMNS)
+    assert atlas.size == (projection.ATLAS_COLUMNS * projection.TILE, rows * projection.TILE)
+    # the late image's tile shows its picture: nearer it than any other cluster's
+    tile = data["images"]["tile"][data["images"]["id"].index(late)]
+    size = projection.TILE
+    column, row = tile % projection.ATLAS_COLUMNS, tile // projection.ATLAS_COLUMNS
+    shown = np.asarray(atlas.crop((column * size, row * size, column * size + size, row * size + size)), dtype=float)
+    difference = {
+        c: np.abs(shown - np.asarray(ImageOps.fit(pattern(c, 4), (size, size)), dtype=float)).mean()
+        for c in range(6)
+    }
+    assert min(difference, key=difference.get) == 1
+    unversioned = await ds.client.get("/-/map/atlas/0.jpg")
+    assert unversioned.headers["cache-control"] == "no-cache"
+    assert (await ds.client.get("/-/map/atlas/1.jpg")).status_code == 404
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("path", ["/-/map/atlas/..%2F..%2Fetc%2Fpasswd.jpg", "/-/map/atlas/-1.jpg", "/-/map/atlas/9999999.jpg"])
+async def test_atlas_paths_are_numbers_only(mapped, path):
+    ds = mapped[0]
+    # Datasette redirects %2F to its tilde encoding first; where it lands is still a 404
+    assert (await ds.client.get(path, follow_redirects=True)).status_code == 404
+
+
+@pytest.mark.asyncio
+async def test_map_page(mapped):
+    ds, members, gone, late = mapped
+    response = await ds.client.get("/-/map")
+    assert response.status_code == 200
+    html = response.text
+    assert '<canvas id="map-canvas"' in html and 'id="hover-card"' in html
+    assert f"{len(members) - 1} images projected" in html and "1 placed near their neighbours" in html
+    config = html.split('<script type="application/json" id="map-config">')[1].split("</script>")[0]
+    assert json.loads(config) == {
+        "data": "/-/map.json", "atlas": "/-/map/atlas/", "thumbnail": "/-/thumbnail/", "similar": "/-/similar/",
+    }  # fmt: skip
+    assert "<script>alert" not in html  # labels reach the page only as JSON, shown with textContent
+
+
+@pytest.mark.asyncio
+async def test_map_page_without_a_map(collection):
+    ds = Datasette([str(collection[0])], plugins_dir=str(PLUGINS_DIR))
+    await ds.invoke_startup()
+    response = await ds.client.get("/-/map")
+    assert response.status_code == 200
+    assert "no map yet" in response.text and "collection map --db collection.db" in response.text
+    data = (await ds.client.get("/-/map.json")).json()
+    assert data["projection"] is None and data["images"]["id"] == []
+    assert (await ds.client.get("/-/map/atlas/0.jpg")).status_code == 404
