@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8001
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: install run test bench clean
 
@@ -20,7 +21,16 @@ run: install
 	mkdir -p inbox
 	$(BIN)/collection start inbox --host $(HOST) --port $(PORT)
 
-test: install
+# The browser tests drive Debian's Chromium through Playwright (no browser download).
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		|| echo "warning: could not install chromium; the browser tests will be skipped"; \
+	else \
+		echo "note: install Debian's chromium (sudo apt-get install chromium) to run the browser tests"; \
+	fi
+
+test: install $(CHROMIUM)
 	$(BIN)/python -m pytest
 
 clean:

@@ -259,7 +259,6 @@ def watch(folder, **options):
     from .watcher import run_until_stopped
 
     watcher, status = _watcher(folder, **options)
-    click.echo(f"Watching {watcher.root} (Ctrl-C to stop)", err=True)
     run_until_stopped(watcher)
     status.close()
 
@@ -276,11 +275,14 @@ def start(folder, host, port, **options):
     The same as `collection watch FOLDER` and `collection serve` together;
     Ctrl-C stops both.
     """
+    import signal
     import subprocess
     import sys
 
     from .watcher import run_until_stopped
 
+    # SIGTERM stops the server too, even while the model loads: it becomes KeyboardInterrupt.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     Path(folder).mkdir(parents=True, exist_ok=True)
     db_path = options["db_path"]
     open_store(db_path).close()  # Datasette needs the database, created and upgraded

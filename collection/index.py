@@ -33,7 +33,7 @@ from .store import Store, decode, now
 
 # Chosen with bench/similar.py (see its table): recall@10 >= 0.95 at 100k, p99 < 10 ms.
 N_TREES = 50
-SEARCH_K = 20_000  # Annoy nodes inspected per query
+SEARCH_K = 3000  # Annoy candidates looked at per query
 SEED = 0
 MATCHES_K = 10
 MIN_SCORE = 0.0
@@ -43,7 +43,7 @@ REVERSE_REACH = 100
 # Rebuild once the vectors outside the file reach REBUILD_SHARE of the collection or
 # REBUILD_COUNT, whichever comes first; below REBUILD_MIN the exact search is cheaper.
 REBUILD_SHARE = 0.1
-REBUILD_COUNT = 5000
+REBUILD_COUNT = 2000
 REBUILD_MIN = 1000
 _SETTLE = (20, 0.01)  # tries, seconds apart, for a builder to commit the file it just placed
 
@@ -225,9 +225,7 @@ class Searcher:
         self.path = index_path(db_path)
         self.search_k = search_k
         self.inode = os.stat(self.db_path).st_ino
-        self._conn = sqlite3.connect(
-            self.db_path, timeout=30, isolation_level=None, check_same_thread=False
-        )
+        self._conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
         self._conn.execute("pragma query_only = 1")
         self._lock = threading.Lock()
         self._seen: tuple | None = None  # (data_version, file identity) last refreshed at
@@ -244,7 +242,9 @@ class Searcher:
 
     # --- public queries ---
 
-    def similar(self, image_id: int, k: int = MATCHES_K, min_score: float = MIN_SCORE) -> list[tuple[int, float]]:
+    def similar(
+        self, image_id: int, k: int = MATCHES_K, min_score: float = MIN_SCORE
+    ) -> list[tuple[int, float]]:
         """The ``k`` live images most like ``image_id``, best first, as (id, cosine).
         Raises KeyError when the image is not in the collection (or deleted)."""
         image_id = int(image_id)
@@ -398,7 +398,9 @@ class Searcher:
         ).fetchone()
         return decode(row[0]) if row else None
 
-    def _search(self, vector: np.ndarray, k: int, min_score: float, exclude: int | None) -> list[tuple[int, float]]:
+    def _search(
+        self, vector: np.ndarray, k: int, min_score: float, exclude: int | None
+    ) -> list[tuple[int, float]]:
         want = k + 1  # room for the query image itself
         found: dict[int, float] = {}
         if len(self._ids):
@@ -479,7 +481,9 @@ def update_matches(
     if not changed:
         return 0
     ids = sorted(changed)
-    listing = {r[0] for r in db.execute(f"select image_id from matches where match_id in ({_marks(ids)})", ids)}
+    listing = {
+        r[0] for r in db.execute(f"select image_id from matches where match_id in ({_marks(ids)})", ids)
+    }
     searcher = open_index(store.path)
     lists: dict[int, list[tuple[int, float]]] = {}
     reach: dict[int, list[tuple[int, float]]] = {}
@@ -515,10 +519,13 @@ def rebuild_matches(
     db = store.db
     upto = _last_change(db.conn)
     searcher = open_index(store.path)
-    ids = [r[0] for r in db.execute(
-        "select v.image_id from vectors v join images i on i.id = v.image_id "
-        "where i.deleted_at is null order by v.image_id"
-    )]
+    ids = [
+        r[0]
+        for r in db.execute(
+            "select v.image_id from vectors v join images i on i.id = v.image_id "
+            "where i.deleted_at is null order by v.image_id"
+        )
+    ]
     lists = {}
     for image_id in ids:
         try:
@@ -545,9 +552,11 @@ def _write_list(db, image_id: int, found: list[tuple[int, float]]) -> None:
 def _take_in(db, image_id: int, new_id: int, score: float, k: int) -> bool:
     """Put ``new_id`` into ``image_id``'s list if it ranks within the top k there."""
     current = [
-        (match_id, s) for match_id, s in db.execute(
+        (match_id, s)
+        for match_id, s in db.execute(
             "select match_id, score from matches where image_id = ? order by rank", [image_id]
-        ) if match_id != new_id
+        )
+        if match_id != new_id
     ]
     if len(current) >= k and (-score, new_id) > (-current[-1][1], current[-1][0]):
         return False

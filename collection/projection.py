@@ -78,9 +78,21 @@ def choose_method(method: str, count: int) -> str:
 
 
 def layout(
-    vectors: np.ndarray, method: str = "auto", perplexity: float = PERPLEXITY, seed: int = 0
+    vectors: np.ndarray,
+    method: str = "auto",
+    perplexity: float = PERPLEXITY,
+    seed: int = 0,
+    threads: int | None = None,
 ) -> tuple[np.ndarray, str]:
-    """(n, 2) coordinates in [0, 1] for n L2-normalised vectors, and the method used."""
+    """(n, 2) coordinates in [0, 1] for n L2-normalised vectors, and the method used.
+    ``threads`` caps the OpenMP and BLAS threads (None: all cores)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=threads):
+        return _layout(vectors, method, perplexity, seed)
+
+
+def _layout(vectors, method, perplexity, seed) -> tuple[np.ndarray, str]:
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
@@ -158,6 +170,7 @@ def project(
     method: str = "auto",
     perplexity: float = PERPLEXITY,
     echo: Callable[[str], None] | None = None,
+    threads: int | None = None,
 ) -> Projection:
     """Lay out every live image with a vector and replace the map with it."""
     echo = echo or (lambda message: None)
@@ -174,7 +187,7 @@ def project(
     del rows  # the blobs: at 50k images they are as big as the vectors
     steps = "PCA to 2 dimensions" if used == "pca" else "PCA to 50 dimensions, then t-SNE"
     echo(f"Projecting {len(ids):,} images: {steps}")
-    points, used = layout(vectors, used, perplexity)
+    points, used = layout(vectors, used, perplexity, threads=threads)
     tiles = spatial_order(points)
     seconds = time.perf_counter() - start
     with _write_lock(store):
@@ -349,7 +362,10 @@ def refresh_in_background(store: Store) -> threading.Thread | None:
         try:
             own = Store(path)
             try:
-                project(own, method, perplexity)
+                # One thread: t-SNE's OpenMP threads spin while they wait for each other, and
+                # on cores busy with other work (the watcher's model) that made it 5x slower:
+                # 1k images took 76 s with 2 threads, 15 s with one, on a loaded 2-core machine.
+                project(own, method, perplexity, threads=1)
             finally:
                 own.close()
         finally:

@@ -69,6 +69,7 @@ class Stats:
     """What the status line shows."""
 
     state: str = "starting"
+    observer: str = ""  # inotify, polling, ...
     seen: int = 0  # files looked at
     stored: int = 0  # added, updated or reused
     failed: int = 0  # files under the folder in the failures table
@@ -175,13 +176,11 @@ class Watcher:
             raise self._error
         return self
 
-    def request_stop(self) -> None:
-        """Ask the worker to finish the batch in hand and exit."""
-        self._stopping.set()
-
     def stop(self) -> None:
-        self.request_stop()
-        self._thread.join()
+        """Finish the batch in hand, write it, and exit."""
+        self._stopping.set()
+        if self._thread.ident is not None:
+            self._thread.join()
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the worker to exit; whether it has."""
@@ -261,6 +260,8 @@ class Watcher:
             return False
         self._root_id = (st.st_dev, st.st_ino)
         self.stats.state = "watching"
+        self.stats.observer = type(self._observer).__name__.removesuffix("Observer").lower()
+        self.echo(f"Watching {self.root} ({self.stats.observer})")
         return True
 
     def _start_observer(self) -> BaseObserver:
@@ -342,7 +343,7 @@ class Watcher:
         if not self._folder_is_ours():
             self._lost_folder()
             return
-        clock = self._last_event = time.monotonic()
+        clock = time.monotonic()
         with self.store.db.atomic():
             for event in events:
                 self._apply(event, clock)
@@ -386,7 +387,7 @@ class Watcher:
         entry = self._pending.get(path)
         if entry is None:
             entry = self._pending[path] = _Pending(clock, closes)
-        entry.last_event = clock
+        entry.last_event = self._last_event = clock
         entry.closes = entry.closes or closes
         if writing is not None:
             entry.writing = writing
@@ -417,7 +418,7 @@ class Watcher:
         elif entry is None:
             entry = _Pending(clock, closes=True)  # a download or copy renamed into place when done
         if entry is not None:
-            entry.last_event = clock
+            entry.last_event = self._last_event = clock
             self._pending[dest] = entry
 
     def _gone(self, path: str) -> None:
@@ -656,7 +657,7 @@ class StatusLine:
 def run_until_stopped(watcher: Watcher, alive: Callable[[], bool] = lambda: True) -> None:
     """Run the watcher until Ctrl-C or SIGTERM (or until ``alive()`` turns false); the
     batch in hand is finished and written first."""
-    previous = signal.signal(signal.SIGTERM, lambda *_: watcher.request_stop())
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # the same as Ctrl-C
     try:
         watcher.start()
         while not watcher.join(0.5) and alive():

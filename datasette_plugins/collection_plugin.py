@@ -25,8 +25,8 @@ ID = r"(?P<id>[0-9]{1,18})"  # at most 18 digits: always fits SQLite's 64-bit in
 ID_COLUMNS = {"image_id", "match_id"}  # in the collection's tables and in query results
 
 CSS = """
-.collection-cell { display: flex; flex-direction: column; align-items: flex-start; gap: 0.25em;
-  min-width: 12em; max-width: 24em; }
+.collection-cell { display: flex; flex-direction: column; align-items: flex-start; gap: 0.25em; }
+.collection-path-cell { min-width: 12em; max-width: 24em; }
 .collection-thumb { max-width: 128px; max-height: 96px; border-radius: 3px; display: block; }
 .collection-path { overflow-wrap: anywhere; font-size: 0.9em; }
 .collection-similar { white-space: nowrap; font-size: 0.85em; }
@@ -51,19 +51,17 @@ _collections: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 async def collection_name(datasette) -> str | None:
     """The configured database, else the first one with the collection's tables."""
-    if datasette in _collections:
-        return _collections[datasette]
-    name = (datasette.plugin_config("collection") or {}).get("database")
-    if name is None:
-        for candidate, db in datasette.databases.items():
-            if db.path and all(
-                [await db.table_exists(t) for t in ("images", "vectors", "thumbnails")]
-            ):
-                name = candidate
-                break
-    if name is not None:
-        _collections[datasette] = name
-    return name
+    if datasette not in _collections:
+        name = (datasette.plugin_config("collection") or {}).get("database")
+        if name is None:
+            for candidate, db in datasette.databases.items():
+                if db.path and all(
+                    [await db.table_exists(t) for t in ("images", "vectors", "thumbnails")]
+                ):
+                    name = candidate
+                    break
+        _collections[datasette] = name  # None too: render_cell asks once per cell
+    return _collections[datasette]
 
 
 async def collection_db(datasette, request):
@@ -96,6 +94,16 @@ def prepare_jinja2_environment(env):
     # A --plugins-dir plugin gets no templates folder of its own; add ours after the
     # existing ones, so a --template-dir can still override collection_*.html.
     env.loader = ChoiceLoader([env.loader, FileSystemLoader(str(TEMPLATES))])
+
+
+@hookimpl
+def startup(datasette):
+    # Datasette 0.65's default error handler asks rich (which keras installs) to print
+    # the exception being handled; for a plain 404 there is none, rich raises, and every
+    # unknown URL becomes a 500. Without rich the handler renders the proper 404 page.
+    import datasette.handle_exception as default_handler
+
+    default_handler.rich = None
 
 
 @hookimpl
@@ -247,7 +255,7 @@ def _thumb(urls, image_id: int) -> Markup:
 
 def _image_cell(urls, image_id: int, path: str) -> Markup:
     return Markup(
-        '<div class="collection-cell">{}<span class="collection-path">{}</span>'
+        '<div class="collection-cell collection-path-cell">{}<span class="collection-path">{}</span>'
         '<a class="collection-similar" href="{}">similar images</a></div>'
     ).format(_thumb(urls, image_id), path, urls.path(f"/-/similar/{image_id}"))
 

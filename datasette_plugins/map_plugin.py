@@ -29,6 +29,9 @@ def register_routes():
         (r"^/-/map$", map_page),
         (r"^/-/map\.json$", map_json),
         (r"^/-/map/atlas/(?P<n>[0-9]{1,6})\.jpg$", atlas),
+        # Anything else below /-/map/ is a 404 from here: Datasette 0.65's own 404
+        # handler fails (500) when rich is installed, and keras installs rich.
+        (r"^/-/map/(?P<rest>.*)$", not_on_the_map),
     ]
 
 
@@ -40,6 +43,10 @@ def menu_links(datasette):
         return [{"href": datasette.urls.path("/-/map"), "label": "Collection map"}]
 
     return inner
+
+
+async def not_on_the_map():
+    raise NotFound("Atlases are addressed by number, as in /-/map/atlas/0.jpg")
 
 
 async def map_page(datasette, request):

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from collection import images
+from collection.index import build
 from collection.store import Store
 from conftest import make_image, sample_photos, wait_until
 
@@ -97,6 +98,7 @@ def build_photo_collection(folder: Path, db_path: Path) -> dict[str, int]:
                 (images.thumbnail(decoded.image), decoded.width, decoded.height),
             )
     store.close()
+    build(db_path)  # the Annoy index, as `collection index` or the watcher makes it
     return ids
 
 
@@ -209,6 +211,7 @@ def test_images_table_and_similar_page_in_chromium(server, page):
     first_three = {grid.nth(i).locator("figcaption a").inner_text() for i in range(3)}
     assert first_three == {"chelsea-flipped.jpg", "chelsea-crop.jpg", "chelsea-dark.png"}
     assert "tabby" in page.locator(".collection-hero").inner_text()
+    assert page.locator(".collection-status").inner_text().startswith(f"Index of {len(ids)} images")
     screenshot(page, "similar-page")
 
     grid.nth(0).locator("img").click()  # a neighbour's thumbnail leads to its own page

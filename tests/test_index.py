@@ -65,9 +65,12 @@ def ids_of(found) -> list[int]:
 
 
 def live_ids(store: Store) -> list[int]:
-    return [r[0] for r in store.db.execute(
-        "select id from images where deleted_at is null and id in (select image_id from vectors)"
-    )]
+    return [
+        r[0]
+        for r in store.db.execute(
+            "select id from images where deleted_at is null and id in (select image_id from vectors)"
+        )
+    ]
 
 
 def assert_exact(store: Store, searcher, ids, k: int = 10, min_score: float = 0.0) -> None:

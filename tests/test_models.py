@@ -96,3 +96,37 @@ def _pil(arr):
     from PIL import Image
 
     return Image.fromarray(arr).convert("RGB")
+
+
+def test_auto_picks_inception_when_its_weights_are_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.delenv("COLLECTION_WEIGHTS", raising=False)
+    monkeypatch.setattr(models, "can_download", lambda url, timeout=3.0: False)  # no network here
+    said = []
+    assert models.choose("auto", None, echo=said.append).model_id == "efficientnet_lite0"
+    assert "efficientnet_lite0" in said[0]
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / models.INCEPTION_WEIGHTS_FILE).write_bytes(b"weights")
+    assert models.choose("auto", None).model_id == "inception_v3"
+
+
+def test_auto_picks_inception_when_it_can_be_downloaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.delenv("COLLECTION_WEIGHTS", raising=False)
+    asked = []
+    monkeypatch.setattr(models, "can_download", lambda url, timeout=3.0: asked.append(url) or True)
+    assert models.choose("auto", None).model_id == "inception_v3"
+    assert asked == [models.INCEPTION_WEIGHTS_URL]
+
+
+def test_the_download_check_is_bounded():
+    import socket
+    import time
+
+    # A local server that takes the connection and never answers: only the timeout ends it.
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        start = time.monotonic()
+        assert models.can_download(f"http://127.0.0.1:{server.getsockname()[1]}/w.h5", timeout=0.5) is False
+        assert time.monotonic() - start < 5

@@ -266,6 +266,16 @@ async def test_unknown_image_is_404_not_500(ds, suffix):
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("path", ["/a/b/c/d/e", "/-/nothing-here", "/no-such-database"])
+async def test_any_unknown_url_is_a_404_page(ds, path):
+    # rich (installed by keras) used to turn Datasette 0.65's own 404s into 500s
+    await ds.invoke_startup()
+    response = await ds.client.get(path)
+    assert response.status_code == 404
+    assert "Traceback" not in response.text
+
+
+@pytest.mark.asyncio
 async def test_deleted_image_similar_page_is_404(ds, collection):
     response = await ds.client.get(f"/-/similar/{collection[2]['gone.jpg']}")
     assert response.status_code == 404
@@ -322,13 +332,23 @@ async def test_images_table_has_thumbnails_and_similar_links(ds, collection):
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("table", ["labels", "thumbnails"])
+@pytest.mark.parametrize("table", ["labels", "thumbnails", "matches"])
 async def test_image_ids_elsewhere_show_thumbnails(ds, collection, table):
-    image_id = collection[2]["car.jpg"]
+    db_path, _, ids = collection
+    image_id, match_id = ids["car.jpg"], ids["bird.jpg"]
+    conn = sqlite3.connect(db_path)
+    with conn:
+        conn.execute("insert into matches values (?, ?, 1, 0.5)", [image_id, match_id])
+    conn.close()
     html = (await ds.client.get(f"/collection/{table}?image_id={image_id}")).text
     assert f'src="/-/thumbnail/{image_id}.jpg"' in html
-    if table == "labels":
+    if table != "thumbnails":
         assert f'href="/-/similar/{image_id}"' in html
+    if table == "matches":
+        assert f'src="/-/thumbnail/{match_id}.jpg"' in html
+        assert f'href="/-/similar/{match_id}"' in html
+    row = (await ds.client.get(f"/collection/thumbnails/{image_id}")).text
+    assert f'src="/-/thumbnail/{image_id}.jpg"' in row
 
 
 @pytest.mark.asyncio
@@ -388,19 +408,15 @@ async def test_sql_functions(ds, collection):
 
 @pytest.mark.asyncio
 async def test_canned_queries_run(ds, collection):
-    _, _, ids = collection
-    db_path = collection[0]
+    db_path, _, ids = collection
     conn = sqlite3.connect(db_path)
-    conn.execute(
-        "create table if not exists matches (image_id integer, match_id integer, rank integer, "
-        "score float, primary key (image_id, rank))"
-    )
-    for image_id in (ids["cat1.jpg"], ids["cat2.jpg"]):
-        for rank, (match_id, score) in enumerate(
-            expected_neighbours(ids, next(n for n, i in ids.items() if i == image_id)), 1
-        ):
-            conn.execute("insert or replace into matches values (?, ?, ?, ?)", [image_id, match_id, rank, score])
-    conn.commit()
+    with conn:  # the two images' neighbour lists, as collection.index writes them
+        for name in ("cat1.jpg", "cat2.jpg"):
+            conn.executemany(
+                "insert into matches (image_id, match_id, rank, score) values (?, ?, ?, ?)",
+                [(ids[name], match_id, rank, score)
+                 for rank, (match_id, score) in enumerate(expected_neighbours(ids, name), 1)],
+            )
     conn.close()
     cat1 = ids["cat1.jpg"]
     best_id, best_score = expected_neighbours(ids, "cat1.jpg")[0]

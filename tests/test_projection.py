@@ -13,11 +13,14 @@ import pytest_asyncio
 from click.testing import CliRunner
 from datasette.app import Datasette
 from PIL import Image, ImageDraw, ImageOps
+from threadpoolctl import threadpool_limits
 
 from collection import projection
 from collection.cli import cli
 from collection.serve import PLUGINS_DIR
 from collection.store import Store
+
+from test_plugin import raw_get
 
 DIMENSIONS = 128
 LABELS = [
@@ -107,6 +110,14 @@ def make_collection(
 
 def positions(store: Store) -> dict[int, tuple[float, float, int]]:
     return {row[0]: (row[1], row[2], row[3]) for row in store.db.execute("select image_id, x, y, placed from projection")}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """t-SNE's OpenMP threads spin waiting for each other: on a busy shared test machine
+    that made these tests ten times slower than with one thread."""
+    with threadpool_limits(limits=1):
+        yield
 
 
 @pytest.fixture
@@ -363,11 +374,20 @@ async def test_atlas_packs_the_thumbnails(mapped):
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("path", ["/-/map/atlas/..%2F..%2Fetc%2Fpasswd.jpg", "/-/map/atlas/-1.jpg", "/-/map/atlas/9999999.jpg"])
-async def test_atlas_paths_are_numbers_only(mapped, path):
-    ds = mapped[0]
-    # Datasette redirects %2F to its tilde encoding first; where it lands is still a 404
-    assert (await ds.client.get(path, follow_redirects=True)).status_code == 404
+@pytest.mark.parametrize(
+    "raw_path",
+    [
+        b"/-/map/atlas/..%2F..%2Fetc%2Fpasswd.jpg",
+        b"/-/map/atlas/0.jpg/../../../etc/passwd",
+        b"/-/map/atlas/%2Fetc%2Fpasswd",
+        b"/-/map/atlas/-1.jpg",
+        b"/-/map/atlas/999999.jpg",
+        b"/-/map/atlas/99999999999999999999999.jpg",
+    ],
+)
+async def test_atlas_paths_are_numbers_only(mapped, raw_path):
+    status, body = await raw_get(mapped[0], raw_path)
+    assert status == 404 and b"root:" not in body
 
 
 @pytest.mark.asyncio

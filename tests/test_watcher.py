@@ -203,8 +203,10 @@ def test_inotify_limits_fall_back_to_polling(watch, inbox, store, monkeypatch):
 
     monkeypatch.setattr(InotifyObserver, "start", limit)
     messages = []
-    watch(messages=messages)
-    assert len(messages) == 1 and "polling" in messages[0]
+    watcher = watch(messages=messages)
+    assert watcher.stats.observer == "polling"
+    assert messages[0].startswith("inotify limit reached") and "polling" in messages[0]
+    assert messages[1:] == [f"Watching {inbox} (polling)"]
     path = make_image(inbox / "a.png", seed=1)
     wait_until(lambda: store.by_path(str(path)), 20, message="a file found by polling")
 
@@ -280,8 +282,9 @@ def test_kill_9_mid_batch_then_start_adds_every_file_exactly_once(inbox, tmp_pat
         [*command, "start", str(inbox), *options, "--port", str(port)], stderr=subprocess.PIPE, text=True
     )
     try:
-        wait_until(lambda: answers(port) or both.poll() is not None, 60, message="Datasette to answer")
-        wait_until(lambda: sql(port, "select count(*) n from images")[0]["n"] == 100, 120, message="100 rows")
+        wait_until(lambda: answers(port) or both.poll() is not None, 60, 0.25, "Datasette to answer")
+        rows = lambda: sql(port, "select count(*) n from images")[0]["n"]  # noqa: E731
+        wait_until(lambda: rows() == 100, 120, 0.25, "100 rows, read through Datasette")
         code, err = stop(both)
     finally:
         if both.poll() is None:

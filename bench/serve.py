@@ -1,0 +1,187 @@
+"""Latency of the similar-image page and its JSON on a synthetic collection.
+
+    .venv/bin/python bench/serve.py --images 10000 --requests 200
+
+Makes (once, cached) a collection of synthetic rows: clustered random unit vectors,
+five labels each and a few hundred distinct thumbnails, no model. Builds its Annoy
+index, then adds --unindexed more rows that the index does not cover (what the
+watcher leaves between rebuilds), starts `collection serve` on a free port and times
+sequential keep-alive requests for random image ids. Prints one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from collection.index import build
+from collection.store import Store, encode, now
+
+CACHE = Path(tempfile.gettempdir()) / "collection-bench"
+WARM_UP = 10  # requests per endpoint left out of the figures
+CASES = [
+    ("similar page", "/-/similar/{}"),
+    ("similar JSON", "/-/similar/{}.json"),
+    ("similar JSON k=50", "/-/similar/{}.json?k=50"),
+    ("similar JSON min_score=.5", "/-/similar/{}.json?min_score=0.5"),
+    ("thumbnail", "/-/thumbnail/{}.jpg"),
+]
+LABELS = ["tabby", "tiger cat", "golden retriever", "espresso", "space shuttle", "daisy",
+          "palace", "sports car", "goldfinch", "lynx", "cup", "pagoda", "bee", "racer"]
+
+
+def thumbnails(count: int, rng: np.random.Generator) -> list[bytes]:
+    out = []
+    for _ in range(count):
+        pixels = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels).resize((256, 192), Image.Resampling.BICUBIC)
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=80)
+        out.append(buffer.getvalue())
+    return out
+
+
+def add_rows(store: Store, start: int, count: int, dimensions: int, seed: int) -> None:
+    """Rows, labels, vectors and thumbnails written straight in, one transaction."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(0).normal(size=(50, dimensions))
+    vectors = centres[rng.integers(0, len(centres), count)] + rng.normal(size=(count, dimensions))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    jpegs = thumbnails(200, rng)
+    model = store.model
+    stamp = now()
+    pick = random.Random(seed)
+    with store.db.atomic():
+        conn = store.db.conn
+        for offset, vector in enumerate(vectors):
+            image_id = start + offset
+            labels = pick.sample(LABELS, 5)
+            conn.execute(
+                "insert into images (id, path, sha256, size, mtime, width, height, format, "
+                "added_at, updated_at, model, labels, top_label, top_score) "
+                "values (?, ?, ?, 1000, 0, 640, 480, 'JPEG', ?, ?, ?, ?, ?, 0.5)",
+                [image_id, f"/photos/{image_id:06d}.jpg", f"{image_id:064x}", stamp, stamp,
+                 model, json.dumps(labels), labels[0]],
+            )
+            conn.executemany(
+                "insert into labels (image_id, rank, wnid, label, score) values (?, ?, ?, ?, ?)",
+                [(image_id, rank, f"n{rank:08d}", label, 0.5 / rank)
+                 for rank, label in enumerate(labels, start=1)],
+            )
+            conn.execute("insert into vectors (image_id, model, vector) values (?, ?, ?)",
+                         [image_id, model, encode(vector)])
+            conn.execute("insert into thumbnails (image_id, jpeg, width, height) values (?, ?, 640, 480)",
+                         [image_id, jpegs[offset % len(jpegs)]])
+
+
+def collection(images: int, unindexed: int, dimensions: int) -> Path:
+    folder = CACHE / f"serve-{images}-{unindexed}-{dimensions}"
+    db_path = folder / "collection.db"
+    if db_path.exists():
+        return db_path
+    folder.mkdir(parents=True, exist_ok=True)
+    store = Store(db_path)
+    store.claim_model("synthetic", dimensions, "fp32")
+    add_rows(store, 1, images - unindexed, dimensions, seed=1)
+    build(db_path)
+    add_rows(store, images - unindexed + 1, unindexed, dimensions, seed=2)
+    store.close()
+    return db_path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(db_path: Path, port: int) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "collection", "serve", "--db", str(db_path), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process
+        except OSError:
+            time.sleep(0.2)
+    process.terminate()
+    raise SystemExit("the server did not start")
+
+
+def timed(conn: http.client.HTTPConnection, path: str) -> float:
+    started = time.perf_counter()
+    conn.request("GET", path)
+    response = conn.getresponse()
+    response.read()
+    if response.status != 200:
+        raise SystemExit(f"{path}: HTTP {response.status}")
+    return (time.perf_counter() - started) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=10_000)
+    parser.add_argument("--unindexed", type=int, default=500, help="rows added after the index build")
+    parser.add_argument("--dimensions", type=int, default=1280)
+    parser.add_argument("--requests", type=int, default=200)
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    db_path = collection(args.images, args.unindexed, args.dimensions)
+    print(f"collection: {args.images} images, {args.dimensions}-d vectors, {db_path} "
+          f"({os.path.getsize(db_path) / 1e6:.0f} MB, ready in {time.perf_counter() - started:.1f}s)")
+    port = free_port()
+    process = serve(db_path, port)
+    rng = random.Random(0)
+    try:
+        status = json.loads(_get(port, "/-/similar/1.json"))["index"]
+        print(f"index: {status['indexed']} indexed ({status['n_trees']} trees), "
+              f"{status['unindexed']} searched exactly; {args.requests} requests each, "
+              f"sequential, keep-alive, first {WARM_UP} left out")
+        ids = [rng.randint(1, args.images) for _ in range(args.requests)]
+        times: dict[str, list[float]] = {name: [] for name, _ in CASES}
+        conn = http.client.HTTPConnection("127.0.0.1", port)
+        for n, image_id in enumerate(ids):
+            for name, pattern in CASES:  # interleaved, so a busy moment hits every case alike
+                ms = timed(conn, pattern.format(image_id))
+                if n >= WARM_UP:
+                    times[name].append(ms)
+        conn.close()
+        print(f"\n{'endpoint':<26} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}")
+        for name, pattern in CASES:
+            ms = sorted(times[name])
+            p95 = ms[min(len(ms) - 1, round(0.95 * (len(ms) - 1)))]
+            print(f"{name:<26} {statistics.median(ms):>8.1f} {p95:>8.1f} {ms[-1]:>8.1f}")
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def _get(port: int, path: str) -> bytes:
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    conn.request("GET", path)
+    body = conn.getresponse().read()
+    conn.close()
+    return body
+
+
+if __name__ == "__main__":
+    main()
