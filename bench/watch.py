@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -95,8 +96,9 @@ def main() -> None:
             latencies, calls = [], len(model.calls)
             for source in singles:
                 started = time.perf_counter()
-                shutil.copyfile(source, inbox / source.name)
-                latencies.append(wait_for(lambda: stored(inbox / source.name), 120) - started)
+                target = inbox / source.name
+                shutil.copyfile(source, target)
+                latencies.append(wait_for(partial(stored, target), 120) - started)
             single_calls = model.calls[calls:]
 
             calls, dropped, seen = len(model.calls), {}, {}
@@ -119,7 +121,15 @@ def main() -> None:
     def row(case: str, latencies: list[float], seconds: float | None, sizes: list[int]) -> tuple:
         p50, p95 = np.percentile(latencies, [50, 95])
         rate = f"{len(latencies) / seconds:.1f}" if seconds else ""
-        return (case, len(latencies), f"{p50:.2f}", f"{p95:.2f}", f"{max(latencies):.2f}", rate, calls_cell(sizes))
+        return (
+            case,
+            len(latencies),
+            f"{p50:.2f}",
+            f"{p95:.2f}",
+            f"{max(latencies):.2f}",
+            rate,
+            calls_cell(sizes),
+        )
 
     burst_seconds = max(seen.values()) - min(dropped.values())
     rows = [
@@ -130,7 +140,15 @@ def main() -> None:
         f"\nmodel {model.model_id} ({weights}), observer {watcher.stats.observer}, batch size "
         f"{args.batch_size or model.batch_size}, {os.cpu_count()} CPU cores, corpus 640x480..4000x3000\n"
     )
-    header = ("case", "files", "p50 drop-to-stored s", "p95 s", "max s", "images/s", "model calls (mean batch)")
+    header = (
+        "case",
+        "files",
+        "p50 drop-to-stored s",
+        "p95 s",
+        "max s",
+        "images/s",
+        "model calls (mean batch)",
+    )
     widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     print(line(header))

@@ -245,6 +245,19 @@ def _watcher(folder, db_path, model_name, weights, precision, poll, rescan_every
     return watcher, status
 
 
+def _relay(lines, say) -> None:
+    for line in lines:
+        say(line.rstrip())
+
+
+def _stop_with_parent() -> None:
+    """In the server's process: SIGTERM when `collection start` dies, even by kill -9 (Linux)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
 @cli.command()
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
 @watch_options
@@ -278,6 +291,7 @@ def start(folder, host, port, **options):
     import signal
     import subprocess
     import sys
+    import threading
 
     from .watcher import run_until_stopped
 
@@ -287,10 +301,16 @@ def start(folder, host, port, **options):
     db_path = options["db_path"]
     open_store(db_path).close()  # Datasette needs the database, created and upgraded
     server = subprocess.Popen(
-        [sys.executable, "-m", "collection", "serve", "--db", db_path, "--host", host, "--port", str(port)]
+        [sys.executable, "-m", "collection", "serve", "--db", db_path, "--host", host, "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=_stop_with_parent if sys.platform.startswith("linux") else None,
     )
     try:
         watcher, status = _watcher(folder, **options)
+        # Datasette's log lines go above the status line, not through it.
+        threading.Thread(target=_relay, args=(server.stdout, status.say), daemon=True).start()
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         click.echo(
             f"Open http://{shown}:{port}/ to browse the collection; "
@@ -321,7 +341,8 @@ def start(folder, host, port, **options):
     type=click.Choice(["auto", "tsne", "pca"]),
     default="auto",
     show_default=True,
-    help="t-SNE (after PCA to 50 dimensions) or PCA alone; auto uses PCA alone past 20,000 images.",
+    help="t-SNE (after PCA to 50 dimensions) or PCA alone; auto gives t-SNE a sample of "
+    "10,000 images in larger collections and places the rest near their neighbours.",
 )
 @click.option("--perplexity", type=click.FloatRange(2, 100), default=30.0, show_default=True,
               help="t-SNE's perplexity: roughly how many neighbours each image keeps close.")

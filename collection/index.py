@@ -24,7 +24,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 from annoy import AnnoyIndex
@@ -225,6 +225,7 @@ class Searcher:
         self.path = index_path(db_path)
         self.search_k = search_k
         self.inode = os.stat(self.db_path).st_ino
+        self.closed = False
         self._conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
         self._conn.execute("pragma query_only = 1")
         self._lock = threading.Lock()
@@ -239,6 +240,7 @@ class Searcher:
         with self._lock:
             self._drop_index()
             self._conn.close()
+            self.closed = True
 
     # --- public queries ---
 
@@ -418,7 +420,7 @@ class Searcher:
         n = want
         while True:
             search_k = max(self.search_k, n * int(self._meta["index_n_trees"]))
-            candidates = self._annoy.get_nns_by_vector(vector, n, search_k=search_k)
+            candidates = self._annoy.get_nns_by_vector(vector.tolist(), n, search_k=search_k)
             rows = self._conn.execute(
                 "select v.image_id, v.vector from vectors v join images i on i.id = v.image_id "
                 f"where v.image_id in ({_marks(candidates)}) and i.deleted_at is null "
@@ -446,7 +448,7 @@ def open_index(db_path: str | Path) -> Searcher:
     inode = os.stat(key).st_ino  # FileNotFoundError for a missing database
     with _searchers_lock:
         searcher = _searchers.get(key)
-        if searcher is None or searcher.inode != inode:  # a new database at the same path
+        if searcher is None or searcher.closed or searcher.inode != inode:  # a new database there
             if searcher is not None:
                 searcher.close()
             searcher = _searchers[key] = Searcher(key)
@@ -470,6 +472,8 @@ def update_matches(
     enters take it in; lists that named a deleted or changed image are refilled. The
     ids given are joined by every id the change log names since the last call, so a
     change made elsewhere (a move that dropped a row, another process) is caught too.
+    Call it after the writes are committed: the searcher reads through its own
+    connection. The first call on a database fills every list (``rebuild_matches``).
     """
     db = store.db
     done = store.get_meta("matches_seq")
@@ -509,12 +513,7 @@ def update_matches(
     return len(lists) + len(merged)
 
 
-def rebuild_matches(
-    store: Store,
-    k: int = MATCHES_K,
-    min_score: float = MIN_SCORE,
-    progress: Callable[[int], None] | None = None,
-) -> int:
+def rebuild_matches(store: Store, k: int = MATCHES_K, min_score: float = MIN_SCORE) -> int:
     """Recompute every live image's list from scratch; returns how many were written."""
     db = store.db
     upto = _last_change(db.conn)
@@ -532,8 +531,6 @@ def rebuild_matches(
             lists[image_id] = searcher.similar(image_id, k, min_score)
         except KeyError:  # deleted since: the log brings it to the next update
             pass
-        if progress:
-            progress(1)
     with db.atomic():
         db.execute("delete from matches")
         for image_id, found in lists.items():

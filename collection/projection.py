@@ -1,8 +1,9 @@
 """The collection map: 2-D coordinates for every image, and the sprite atlases it is drawn from.
 
 `project` lays out the vectors of all live images with PCA to 50 dimensions, then
-t-SNE (PCA alone past TSNE_LIMIT images, where t-SNE takes minutes), and stores them in
-``projection`` with coordinates in [0, 1]. Between recomputes `place_new` puts each new
+t-SNE, and stores them in ``projection`` with coordinates in [0, 1]. Past TSNE_MAX
+images t-SNE runs on a sample of that many and the rest go near their nearest sampled
+neighbours; PCA alone is there when asked for. Between recomputes `place_new` puts each new
 image at once near its nearest neighbours on the current map, marked ``placed``; once
 enough has changed, `needs_refresh` says so and `refresh_in_background` recomputes.
 
@@ -18,18 +19,25 @@ import sqlite3
 import threading
 import time
 import zlib
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import numpy as np
 
 from .store import Store, now
 
-METHODS = ("auto", "tsne", "pca")
-# t-SNE up to this many images, PCA alone beyond: bench/map.py measured t-SNE at 10k
-# images in about 3 minutes on 2 cores, and it grows faster than linearly.
-TSNE_LIMIT = 20_000
+METHODS = ("auto", "tsne", "pca")  # what can be asked for; auto may also give "tsne-sample"
+METHOD_NAMES = {
+    "tsne": "t-SNE",
+    "tsne-sample": "t-SNE on a sample (the rest placed near their neighbours)",
+    "pca": "PCA",
+}
+# The most images auto gives to t-SNE; a larger collection's sample. bench/map.py on 2
+# busy cores, one thread: t-SNE of 1k images 5 s, 10k 99 s; 50k would take many minutes.
+# PCA alone is quick but keeps only 3% of each image's 10 map neighbours in its own
+# cluster at 50k (t-SNE 100%, the sample 90%+).
+TSNE_MAX = 10_000
 TSNE_MIN = 10  # fewer points than this give t-SNE nothing to work with
 PCA_DIMENSIONS = 50
 PERPLEXITY = 30.0
@@ -45,6 +53,11 @@ TILES_PER_ATLAS = ATLAS_COLUMNS * ATLAS_COLUMNS  # a 1024 x 1024 JPEG when full
 _LIVE_VECTORS = (
     "from images join vectors on vectors.image_id = images.id where images.deleted_at is null"
 )
+# ... and not on the map with their current content: new, or changed since placed
+_OFF_THE_MAP = (
+    "not exists (select 1 from projection p where p.image_id = images.id "
+    "and p.sha256 is images.sha256)"
+)
 
 
 class ProjectionError(Exception):
@@ -59,7 +72,7 @@ class Projection:
     seconds: float
 
     def line(self) -> str:
-        name = {"tsne": "t-SNE", "pca": "PCA"}[self.method]
+        name = METHOD_NAMES[self.method]
         extra = f"; {self.placed:,} added meanwhile were placed" if self.placed else ""
         return f"{self.images:,} images projected with {name} in {self.seconds:.1f} s{extra}"
 
@@ -73,7 +86,7 @@ def choose_method(method: str, count: int) -> str:
     if count < TSNE_MIN:
         return "pca"
     if method == "auto":
-        return "tsne" if count <= TSNE_LIMIT else "pca"
+        return "tsne" if count <= TSNE_MAX else "tsne-sample"
     return method
 
 
@@ -86,36 +99,60 @@ def layout(
 ) -> tuple[np.ndarray, str]:
     """(n, 2) coordinates in [0, 1] for n L2-normalised vectors, and the method used.
     ``threads`` caps the OpenMP and BLAS threads (None: all cores)."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=threads):
-        return _layout(vectors, method, perplexity, seed)
-
-
-def _layout(vectors, method, perplexity, seed) -> tuple[np.ndarray, str]:
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     count = len(vectors)
     method = choose_method(method, count)
     if count == 1:
         return np.full((1, 2), 0.5), method
     vectors = np.asarray(vectors, dtype=np.float32)
-    dims = min(PCA_DIMENSIONS if method == "tsne" else 2, count, vectors.shape[1])
-    reduced = PCA(dims, svd_solver="randomized", random_state=seed).fit_transform(vectors)
-    if method == "pca":
-        points = np.zeros((count, 2))
-        points[:, : reduced.shape[1]] = reduced
-    else:
-        points = TSNE(
+    dims = min(2 if method == "pca" else PCA_DIMENSIONS, count, vectors.shape[1])
+
+    def tsne(points: np.ndarray) -> np.ndarray:
+        return TSNE(
             2,
             # sklearn refuses a perplexity of n or more; a third of n keeps small maps sane
-            perplexity=min(perplexity, (count - 1) / 3),
+            perplexity=min(perplexity, (len(points) - 1) / 3),
             init="pca",
             learning_rate="auto",
             random_state=seed,
-        ).fit_transform(reduced)
+        ).fit_transform(points)
+
+    with threadpool_limits(limits=threads):
+        reduced = PCA(dims, svd_solver="randomized", random_state=seed).fit_transform(vectors)
+        points = np.zeros((count, 2))
+        if method == "pca":
+            points[:, : reduced.shape[1]] = reduced
+        elif method == "tsne":
+            points = tsne(reduced)
+        else:
+            sample = np.zeros(count, dtype=bool)
+            sample[np.random.default_rng(seed).choice(count, TSNE_MAX, replace=False)] = True
+            points[sample] = tsne(reduced[sample])
+            points[~sample] = _near_sample(reduced[~sample], reduced[sample], points[sample])
     return normalise(points), method
+
+
+def _near_sample(rest: np.ndarray, sample: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Map positions for ``rest`` near their nearest ``sample`` points (PCA coordinates of
+    unit vectors: a squared distance d² stands for the cosine 1 - d²/2)."""
+    norms = (sample**2).sum(axis=1)
+    out = np.empty((len(rest), 2))
+    for start in range(0, len(rest), 1024):  # 1024 x 10k distances at a time: 40 MB
+        part = rest[start : start + 1024]
+        d2 = (part**2).sum(axis=1)[:, None] + norms[None, :] - 2 * part @ sample.T
+        top = np.argpartition(d2, NEIGHBOURS - 1, axis=1)[:, :NEIGHBOURS]
+        cosines = 1 - np.take_along_axis(d2, top, axis=1) / 2
+        out[start : start + 1024] = _weighted_mean(cosines, xy[top])
+    return out
+
+
+def _weighted_mean(cosines: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """(m, 2) positions from each point's neighbours: cosines (m, k), positions (m, k, 2)."""
+    weights = np.exp(SHARPNESS * (cosines - cosines.max(axis=1, keepdims=True)))
+    return (weights[:, :, None] * xy).sum(axis=1) / weights.sum(axis=1)[:, None]
 
 
 def normalise(points: np.ndarray) -> np.ndarray:
@@ -185,9 +222,14 @@ def project(
     hashes = [row[1] for row in rows]
     vectors = np.frombuffer(b"".join(row[2] for row in rows), "<f4").reshape(len(rows), -1)
     del rows  # the blobs: at 50k images they are as big as the vectors
-    steps = "PCA to 2 dimensions" if used == "pca" else "PCA to 50 dimensions, then t-SNE"
+    steps = {
+        "pca": "PCA to 2 dimensions",
+        "tsne": "PCA to 50 dimensions, then t-SNE",
+        "tsne-sample": f"PCA to 50 dimensions, then t-SNE of {TSNE_MAX:,} of them, "
+        "the rest placed near their neighbours",
+    }[used]
     echo(f"Projecting {len(ids):,} images: {steps}")
-    points, used = layout(vectors, used, perplexity, threads=threads)
+    points, used = layout(vectors, method, perplexity, threads=threads)
     tiles = spatial_order(points)
     seconds = time.perf_counter() - start
     with _write_lock(store):
@@ -218,10 +260,10 @@ def project(
             "seconds": round(seconds, 2),
         }.items():
             store.set_meta(f"projection_{key}", value)
-    # The watcher may have added images while the layout ran: put them on the new map now.
-    late = [row[0] for row in store.db.execute(
-        f"select images.id {_LIVE_VECTORS} and images.id not in (select image_id from projection)"
-    )]
+    # The watcher may have added or changed images while the layout ran: place them now.
+    late = [
+        row[0] for row in store.db.execute(f"select images.id {_LIVE_VECTORS} and {_OFF_THE_MAP}")
+    ]
     placed = place_new(store, late)
     return Projection(used, len(ids), placed, time.perf_counter() - start)
 
@@ -231,7 +273,7 @@ def place_new(store: Store, image_ids: Iterable[int]) -> int:
     positions of its nearest neighbours already on it (cosine over the stored vectors),
     marked placed. An image already on the map with the same content stays where it is.
     Does nothing while the collection has no map. Returns how many were placed."""
-    ids = sorted(set(int(i) for i in image_ids))
+    ids = sorted({int(i) for i in image_ids})
     if not ids or store.get_meta("projection_version") is None:
         return 0
     for _ in range(3):  # again if a recompute replaced the map while we searched
@@ -244,7 +286,9 @@ def place_new(store: Store, image_ids: Iterable[int]) -> int:
             if store.get_meta("projection_version") != version:
                 continue
             method = store.get_meta("projection_method")
-            next_tile = store.db.execute("select coalesce(max(tile), -1) + 1 from projection").fetchone()[0]
+            next_tile = store.db.execute(
+                "select coalesce(max(tile), -1) + 1 from projection"
+            ).fetchone()[0]
             store.db["projection"].upsert_all(
                 (
                     {
@@ -272,8 +316,7 @@ def _needing_place(store: Store, ids: list[int]) -> tuple[list[tuple[int, str]],
         part = ids[start : start + 500]
         for image_id, sha256, blob in store.db.execute(
             f"select images.id, images.sha256, vectors.vector {_LIVE_VECTORS} "
-            f"and images.id in ({','.join('?' * len(part))}) and not exists (select 1 from "
-            "projection p where p.image_id = images.id and p.sha256 is images.sha256)",
+            f"and images.id in ({','.join('?' * len(part))}) and {_OFF_THE_MAP}",
             part,
         ):
             todo.append((image_id, sha256))
@@ -307,27 +350,27 @@ def _positions(store: Store, todo: list[tuple[int, str]], vectors: np.ndarray) -
         best = np.take_along_axis(sims, top, axis=1)
         best_xy = np.take_along_axis(both_xy, top[:, :, None], axis=1)
     # A map whose images have all gone leaves the new ones in the middle (weights all equal).
-    finite = np.where(np.isfinite(best), best, 0.0)
-    weights = np.exp(SHARPNESS * (finite - finite.max(axis=1, keepdims=True)))
-    return (weights[:, :, None] * best_xy).sum(axis=1) / weights.sum(axis=1)[:, None]
+    return _weighted_mean(np.where(np.isfinite(best), best, 0.0), best_xy)
 
 
 def summary(conn: sqlite3.Connection) -> dict | None:
     """What the map holds: None without one; else how it was made and how current it is."""
-    meta = dict(conn.execute("select key, value from collection_meta where key like 'projection\\_%' escape '\\'"))
+    meta = dict(
+        conn.execute(
+            "select key, value from collection_meta where key like 'projection\\_%' escape '\\'"
+        )
+    )
     if "projection_version" not in meta or not _has_projection_table(conn):
         return None
     counts = conn.execute(
         "select coalesce(sum(p.placed = 0), 0), coalesce(sum(p.placed = 1), 0) "
         "from projection p join images on images.id = p.image_id where images.deleted_at is null"
     ).fetchone()
-    unplaced = conn.execute(
-        f"select count(*) {_LIVE_VECTORS} and not exists (select 1 from projection p "
-        "where p.image_id = images.id and p.sha256 is images.sha256)"
-    ).fetchone()[0]
+    unplaced = conn.execute(f"select count(*) {_LIVE_VECTORS} and {_OFF_THE_MAP}").fetchone()[0]
     return {
         "version": int(meta["projection_version"]),
         "method": meta.get("projection_method"),
+        "method_name": METHOD_NAMES.get(meta.get("projection_method"), "?"),
         "perplexity": float(meta.get("projection_perplexity") or PERPLEXITY),
         "at": meta.get("projection_at"),
         "seconds": float(meta.get("projection_seconds") or 0),
@@ -381,17 +424,20 @@ def refresh_in_background(store: Store) -> threading.Thread | None:
 
 def _has_projection_table(conn: sqlite3.Connection) -> bool:
     # Datasette may serve a database no `collection` command has upgraded yet.
-    return conn.execute(
-        "select 1 from sqlite_master where type = 'table' and name = 'projection'"
-    ).fetchone() is not None
+    return (
+        conn.execute(
+            "select 1 from sqlite_master where type = 'table' and name = 'projection'"
+        ).fetchone()
+        is not None
+    )
 
 
 def map_data(conn: sqlite3.Connection) -> dict:
     """Every live image on the map, once, as parallel arrays (compact at 50k images).
 
     ``labels`` and ``top_label`` hold indexes into ``label_names``, commonest first;
-    ``tile`` is the image's place in the atlases; ``atlases[n]`` changes whenever atlas
-    n does, for the browser's cache.
+    ``tile`` is the image's place in the atlases; ``atlas.keys[n]`` changes whenever
+    atlas n does, for the browser's cache.
     """
     state = summary(conn)
     columns = {"id": [], "x": [], "y": [], "top_label": [], "labels": [], "placed": [], "tile": []}
@@ -459,10 +505,10 @@ def atlas_keys(conn: sqlite3.Connection, version: int) -> list[str]:
 
 def atlas_key(conn: sqlite3.Connection, n: int) -> str | None:
     """The key of atlas ``n`` as `atlas_keys` gives it; None when it has no tiles."""
-    state = conn.execute(
+    version = conn.execute(
         "select value from collection_meta where key = 'projection_version'"
     ).fetchone()
-    if state is None or not _has_projection_table(conn):
+    if version is None or not _has_projection_table(conn):
         return None
     first = n * TILES_PER_ATLAS
     count, updated, ids = _atlas_rows(
@@ -471,7 +517,7 @@ def atlas_key(conn: sqlite3.Connection, n: int) -> str | None:
         "and p.tile >= ? and p.tile < ?",
         [first, first + TILES_PER_ATLAS],
     ).fetchone()
-    return _key(int(state[0]), count, updated, ids) if count else None
+    return _key(int(version[0]), count, updated, ids) if count else None
 
 
 def build_atlas(conn: sqlite3.Connection, n: int) -> bytes | None:
@@ -492,11 +538,10 @@ def build_atlas(conn: sqlite3.Connection, n: int) -> bytes | None:
             thumb = Image.open(io.BytesIO(jpeg))
             thumb.draft("RGB", (TILE, TILE))  # JPEG: decode at reduced scale, much faster
             thumb = ImageOps.fit(thumb.convert("RGB"), (TILE, TILE))
-        except Exception:  # a broken thumbnail leaves its tile blank; the map still draws
-            continue
+        except (OSError, ValueError, Image.DecompressionBombError):  # a broken thumbnail
+            continue  # leaves its tile blank; the map still draws
         slot = tile - first
         atlas.paste(thumb, (slot % ATLAS_COLUMNS * TILE, slot // ATLAS_COLUMNS * TILE))
     out = io.BytesIO()
     atlas.save(out, "JPEG", quality=80)
     return out.getvalue()
-

@@ -25,8 +25,9 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, TextIO
+from typing import TextIO
 
 from watchdog.events import (
     DirCreatedEvent,
@@ -434,7 +435,9 @@ class Watcher:
         prefix = os.path.join(folder, "")
         for path in [p for p in self._pending if p.startswith(prefix)]:
             del self._pending[path]
-        self._mark_deleted(image_id for image_id, path in self._rows_under(prefix) if not os.path.lexists(path))
+        self._mark_deleted(
+            image_id for image_id, path in self._rows_under(prefix) if not os.path.lexists(path)
+        )
 
     def _mark_deleted(self, image_ids: Iterable[int]) -> None:
         image_ids = list(image_ids)
@@ -557,7 +560,9 @@ class Watcher:
         started = time.monotonic()
         self._in_flight = len(paths)
         try:
-            summary = self.ingester.add(self._until_stopped(paths), progress=self._progress) if paths else Summary()
+            summary = (
+                self.ingester.add(self._until_stopped(paths), progress=self._progress) if paths else Summary()
+            )
         finally:
             self._in_flight = 0
         seconds = time.monotonic() - started

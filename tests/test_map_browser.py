@@ -33,7 +33,10 @@ CLUSTERS, PER_CLUSTER = 30, 10  # 30 base pictures, each with 10 near-duplicate 
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"needs Chromium at {CHROMIUM} (apt-get install chromium)"),
+    pytest.mark.skipif(
+        not os.path.exists(CHROMIUM),
+        reason=f"needs Chromium at {CHROMIUM} (apt-get install chromium)",
+    ),
 ]
 
 
@@ -61,12 +64,23 @@ def server(tmp_path_factory):
     store.close()
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "datasette", "serve", str(db_path), "--plugins-dir", "datasette_plugins",
-         "--host", "127.0.0.1", "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "datasette",
+            "serve",
+            str(db_path),
+            "--plugins-dir",
+            "datasette_plugins",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-    )  # fmt: skip
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until(
@@ -133,8 +147,13 @@ def test_map_draws_hovers_filters_and_clicks_through(server, browser):
 
     label = LABELS[3]
     page.fill("#label-filter", label)
-    carrying = sum(1 for c in members.values() if label in [LABELS[(c + k) % len(LABELS)] for k in range(5)])
-    assert page.locator("#map-message").inner_text() == f"{carrying} images with a label matching “{label}”"
+    carrying = sum(
+        1 for c in members.values() if label in [LABELS[(c + k) % len(LABELS)] for k in range(5)]
+    )
+    assert (
+        page.locator("#map-message").inner_text()
+        == f"{carrying} images with a label matching “{label}”"
+    )
     page.mouse.move(box["x"] + 2, box["y"] + 2)
     card.wait_for(state="hidden")
     highlighted = ROOT / "screenshots" / "map-highlight.png"
@@ -152,7 +171,7 @@ def test_map_draws_hovers_filters_and_clicks_through(server, browser):
 def test_map_pans_and_zooms(server, browser):
     base, members = server
     page, errors = open_map(browser, base)
-    target = sorted(members)[0]
+    target = min(members)
     box = page.locator("#map-canvas").bounding_box()
     before = page.evaluate(f"window.collectionMap.screenPosition({target})")
     page.mouse.move(box["x"] + 300, box["y"] + 300)
@@ -166,9 +185,13 @@ def test_map_pans_and_zooms(server, browser):
     page.click("#zoom-in")
     zoomed = page.evaluate(f"window.collectionMap.screenPosition({target})")
     centre = (box["width"] / 2, box["height"] / 2)
-    assert zoomed == pytest.approx([centre[i] + (after[i] - centre[i]) * 1.6 for i in (0, 1)], abs=1)
+    assert zoomed == pytest.approx(
+        [centre[i] + (after[i] - centre[i]) * 1.6 for i in (0, 1)], abs=1
+    )
     page.mouse.move(box["x"] + 100, box["y"] + 100)
     page.mouse.wheel(0, 300)  # out, around the pointer
     page.click("#zoom-fit")
-    assert page.evaluate(f"window.collectionMap.screenPosition({target})") == pytest.approx(before, abs=1)
+    assert page.evaluate(f"window.collectionMap.screenPosition({target})") == pytest.approx(
+        before, abs=1
+    )
     assert errors == []

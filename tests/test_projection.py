@@ -24,9 +24,23 @@ from test_plugin import raw_get
 
 DIMENSIONS = 128
 LABELS = [
-    "tabby", "goldfish", "volcano", "daisy", "sports car", "pizza", "lighthouse", "zebra",
-    "espresso", "jellyfish", "castle", "tractor", "strawberry", "toucan", "umbrella", "banjo",
-]  # fmt: skip
+    "tabby",
+    "goldfish",
+    "volcano",
+    "daisy",
+    "sports car",
+    "pizza",
+    "lighthouse",
+    "zebra",
+    "espresso",
+    "jellyfish",
+    "castle",
+    "tractor",
+    "strawberry",
+    "toucan",
+    "umbrella",
+    "banjo",
+]
 
 
 def unit(v: np.ndarray) -> np.ndarray:
@@ -52,7 +66,15 @@ def pattern(cluster: int, variant: int, size: tuple[int, int] = (96, 72)) -> Ima
     kind = cluster % 3
     if kind == 0:  # diagonal stripes
         for x in range(-h, w + h, step * 2):
-            draw.polygon([(x + shift, 0), (x + shift + step, 0), (x + shift + step - h, h), (x + shift - h, h)], fill=fg)
+            draw.polygon(
+                [
+                    (x + shift, 0),
+                    (x + shift + step, 0),
+                    (x + shift + step - h, h),
+                    (x + shift - h, h),
+                ],
+                fill=fg,
+            )
     elif kind == 1:  # checks
         for y in range(0, h, step):
             for x in range(0, w, step):
@@ -73,13 +95,21 @@ def jpeg(image: Image.Image) -> bytes:
     return out.getvalue()
 
 
-def add_image(store: Store, name: str, vector: np.ndarray, labels: list[str], thumb: Image.Image) -> int:
+def add_image(
+    store: Store, name: str, vector: np.ndarray, labels: list[str], thumb: Image.Image
+) -> int:
     """One row as ingest writes it (in a transaction), without a model or a file."""
     with store.db.atomic():
         return store.save_image(
             f"/synthetic/{name}",
             0.0,
-            {"sha256": f"sha-{name}", "size": 1000, "width": thumb.width, "height": thumb.height, "format": "JPEG"},
+            {
+                "sha256": f"sha-{name}",
+                "size": 1000,
+                "width": thumb.width,
+                "height": thumb.height,
+                "format": "JPEG",
+            },
             vector,
             [(f"n{i:08d}", label, round(0.6 / (i + 1), 3)) for i, label in enumerate(labels)],
             "synthetic",
@@ -101,15 +131,26 @@ def make_collection(
         for c in range(clusters):
             others = [LABELS[(c + k) % len(LABELS)] for k in (1, 2, 3, 4)]
             for v in range(per_cluster):
-                vector = unit(centres[c] + spread * rng.normal(size=DIMENSIONS) / np.sqrt(DIMENSIONS) * 4)
-                image_id = add_image(store, f"c{c:02d}_v{v}.jpg", vector, [LABELS[c % len(LABELS)], *others], pattern(c, v))
+                vector = unit(
+                    centres[c] + spread * rng.normal(size=DIMENSIONS) / np.sqrt(DIMENSIONS) * 4
+                )
+                image_id = add_image(
+                    store,
+                    f"c{c:02d}_v{v}.jpg",
+                    vector,
+                    [LABELS[c % len(LABELS)], *others],
+                    pattern(c, v),
+                )
                 members[image_id] = c
     store.close()
     return members
 
 
 def positions(store: Store) -> dict[int, tuple[float, float, int]]:
-    return {row[0]: (row[1], row[2], row[3]) for row in store.db.execute("select image_id, x, y, placed from projection")}
+    return {
+        row[0]: (row[1], row[2], row[3])
+        for row in store.db.execute("select image_id, x, y, placed from projection")
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -145,14 +186,41 @@ def test_project_fills_the_table_with_clusters_kept_together(collection):
     centroids = np.array([points[labels == c].mean(axis=0) for c in range(labels.max() + 1)])
     nearest = np.linalg.norm(points[:, None] - centroids[None], axis=2).argmin(axis=1)
     assert (nearest == labels).all()
-    meta = {k: store.get_meta(f"projection_{k}") for k in ("method", "images", "version", "requested")}
-    assert meta == {"method": "tsne", "images": str(len(members)), "version": "1", "requested": "tsne"}
+    meta = {
+        k: store.get_meta(f"projection_{k}") for k in ("method", "images", "version", "requested")
+    }
+    assert meta == {
+        "method": "tsne",
+        "images": str(len(members)),
+        "version": "1",
+        "requested": "tsne",
+    }
 
 
-def test_auto_uses_pca_alone_for_large_collections():
+def test_large_collections_get_t_sne_of_a_sample_with_clusters_kept_together(
+    collection, monkeypatch
+):
+    db_path, members = collection
+    monkeypatch.setattr(projection, "TSNE_MAX", 20)  # of 48 images
+    store = Store(db_path)
+    result = projection.project(store)
+    assert result.method == "tsne-sample" and result.images == len(members)
+    assert "t-SNE on a sample" in result.line()
+    placed = positions(store)
+    assert set(placed) == set(members) and {p for _, _, p in placed.values()} == {0}
+    ids = sorted(members)
+    points = np.array([placed[i][:2] for i in ids])
+    labels = np.array([members[i] for i in ids])
+    centroids = np.array([points[labels == c].mean(axis=0) for c in range(labels.max() + 1)])
+    nearest = np.linalg.norm(points[:, None] - centroids[None], axis=2).argmin(axis=1)
+    assert (nearest == labels).mean() > 0.95
+
+
+def test_methods_for_collection_sizes():
     assert projection.choose_method("auto", 500) == "tsne"
-    assert projection.choose_method("auto", projection.TSNE_LIMIT + 1) == "pca"
-    assert projection.choose_method("tsne", projection.TSNE_LIMIT + 1) == "tsne"  # when asked
+    assert projection.choose_method("auto", projection.TSNE_MAX + 1) == "tsne-sample"
+    assert projection.choose_method("tsne", projection.TSNE_MAX + 1) == "tsne"  # when asked
+    assert projection.choose_method("pca", 500) == "pca"
     assert projection.choose_method("tsne", 3) == "pca"  # too few for t-SNE
     with pytest.raises(projection.ProjectionError):
         projection.choose_method("umap", 100)
@@ -202,7 +270,13 @@ def test_new_image_is_placed_near_its_neighbours(collection):
     before = positions(store)
     centres = cluster_centres(6)
     rng = np.random.default_rng(99)
-    new_id = add_image(store, "new.jpg", unit(centres[4] + 0.02 * rng.normal(size=DIMENSIONS)), [LABELS[4]], pattern(4, 9))
+    new_id = add_image(
+        store,
+        "new.jpg",
+        unit(centres[4] + 0.02 * rng.normal(size=DIMENSIONS)),
+        [LABELS[4]],
+        pattern(4, 9),
+    )
 
     assert projection.place_new(store, [new_id]) == 1
     after = positions(store)
@@ -214,7 +288,9 @@ def test_new_image_is_placed_near_its_neighbours(collection):
     }
     distances = {c: np.hypot(x - cx, y - cy) for c, (cx, cy) in centroids.items()}
     assert min(distances, key=distances.get) == 4
-    tile = store.db.execute("select tile from projection where image_id = ?", [new_id]).fetchone()[0]
+    tile = store.db.execute("select tile from projection where image_id = ?", [new_id]).fetchone()[
+        0
+    ]
     assert tile == len(members)  # a new tile after the projected ones
 
 
@@ -222,19 +298,26 @@ def test_place_new_leaves_unchanged_images_and_replaces_changed_content(collecti
     db_path, members = collection
     store = Store(db_path)
     projection.project(store)
-    first = sorted(members)[0]
+    first = min(members)
     assert projection.place_new(store, [first]) == 0  # on the map with this content already
     assert positions(store)[first][2] == 0
     # the same path with new content (another cluster's vector): placed again
     row = store.by_id(first)
     with store.db.atomic():
         store.save_image(
-            row["path"], 1.0, {"sha256": "changed", "size": 1, "width": 8, "height": 8, "format": "JPEG"},
-            cluster_centres(6)[5], [("n0", LABELS[5], 0.9)], "synthetic",
-        )  # fmt: skip
+            row["path"],
+            1.0,
+            {"sha256": "changed", "size": 1, "width": 8, "height": 8, "format": "JPEG"},
+            cluster_centres(6)[5],
+            [("n0", LABELS[5], 0.9)],
+            "synthetic",
+        )
     assert projection.place_new(store, [first, first]) == 1
     assert positions(store)[first][2] == 1
-    assert store.db.execute("select sha256 from projection where image_id = ?", [first]).fetchone()[0] == "changed"
+    assert (
+        store.db.execute("select sha256 from projection where image_id = ?", [first]).fetchone()[0]
+        == "changed"
+    )
 
 
 def test_needs_refresh_once_enough_has_changed_and_refresh_recomputes(collection):
@@ -245,14 +328,23 @@ def test_needs_refresh_once_enough_has_changed_and_refresh_recomputes(collection
     assert projection.refresh_in_background(store) is None
     rng = np.random.default_rng(5)
     new = [
-        add_image(store, f"late{i}.jpg", unit(rng.normal(size=DIMENSIONS)), [LABELS[i]], pattern(i, 0))
+        add_image(
+            store, f"late{i}.jpg", unit(rng.normal(size=DIMENSIONS)), [LABELS[i]], pattern(i, 0)
+        )
         for i in range(int(len(members) * projection.REFRESH_FRACTION) + 1)
     ]
     projection.place_new(store, new[:2])
     assert projection.summary(store.db.conn) | {"at": None, "seconds": 0} == {
-        "version": 1, "method": "tsne", "perplexity": 30.0, "at": None, "seconds": 0,
-        "projected": len(members), "placed": 2, "unplaced": len(new) - 2,
-    }  # fmt: skip
+        "version": 1,
+        "method": "tsne",
+        "method_name": "t-SNE",
+        "perplexity": 30.0,
+        "at": None,
+        "seconds": 0,
+        "projected": len(members),
+        "placed": 2,
+        "unplaced": len(new) - 2,
+    }
     assert projection.needs_refresh(store)
 
     thread = projection.refresh_in_background(store)
@@ -261,8 +353,11 @@ def test_needs_refresh_once_enough_has_changed_and_refresh_recomputes(collection
     assert not thread.is_alive()
     state = projection.summary(store.db.conn)
     assert (state["version"], state["projected"], state["placed"], state["unplaced"]) == (
-        2, len(members) + len(new), 0, 0,
-    )  # fmt: skip
+        2,
+        len(members) + len(new),
+        0,
+        0,
+    )
     assert not projection.needs_refresh(store)
 
 
@@ -313,9 +408,15 @@ async def mapped(collection):
     db_path, members = collection
     store = Store(db_path)
     projection.project(store)
-    gone = sorted(members)[-1]
+    gone = max(members)
     store.mark_deleted([gone])
-    late = add_image(store, "late.jpg", cluster_centres(6)[1], [LABELS[1], "<script>alert(1)</script>"], pattern(1, 4))
+    late = add_image(
+        store,
+        "late.jpg",
+        cluster_centres(6)[1],
+        [LABELS[1], "<script>alert(1)</script>"],
+        pattern(1, 4),
+    )
     projection.place_new(store, [late])
     store.close()
     ds = Datasette([str(db_path)], plugins_dir=str(PLUGINS_DIR))
@@ -341,13 +442,15 @@ async def test_map_json_returns_every_live_image_once(mapped):
     assert names[images["top_label"][at]] == LABELS[1]
     assert data["projection"]["projected"] == len(members) - 1
     assert data["projection"]["placed"] == 1
-    assert data["atlas"]["per_atlas"] == projection.TILES_PER_ATLAS and len(data["atlas"]["keys"]) == 1
+    assert (
+        data["atlas"]["per_atlas"] == projection.TILES_PER_ATLAS and len(data["atlas"]["keys"]) == 1
+    )
     assert b'": ' not in response.content  # compact
 
 
 @pytest.mark.asyncio
 async def test_atlas_packs_the_thumbnails(mapped):
-    ds, members, gone, late = mapped
+    ds, _, _, late = mapped
     data = (await ds.client.get("/-/map.json")).json()
     key = data["atlas"]["keys"][0]
     response = await ds.client.get(f"/-/map/atlas/0.jpg?v={key}")
@@ -362,7 +465,10 @@ async def test_atlas_packs_the_thumbnails(mapped):
     tile = data["images"]["tile"][data["images"]["id"].index(late)]
     size = projection.TILE
     column, row = tile % projection.ATLAS_COLUMNS, tile // projection.ATLAS_COLUMNS
-    shown = np.asarray(atlas.crop((column * size, row * size, column * size + size, row * size + size)), dtype=float)
+    shown = np.asarray(
+        atlas.crop((column * size, row * size, column * size + size, row * size + size)),
+        dtype=float,
+    )
     difference = {
         c: np.abs(shown - np.asarray(ImageOps.fit(pattern(c, 4), (size, size)), dtype=float)).mean()
         for c in range(6)
@@ -392,16 +498,21 @@ async def test_atlas_paths_are_numbers_only(mapped, raw_path):
 
 @pytest.mark.asyncio
 async def test_map_page(mapped):
-    ds, members, gone, late = mapped
+    ds, members, _, _ = mapped
     response = await ds.client.get("/-/map")
     assert response.status_code == 200
     html = response.text
     assert '<canvas id="map-canvas"' in html and 'id="hover-card"' in html
-    assert f"{len(members) - 1} images projected" in html and "1 placed near their neighbours" in html
+    assert (
+        f"{len(members) - 1} images projected" in html and "1 placed near their neighbours" in html
+    )
     config = html.split('<script type="application/json" id="map-config">')[1].split("</script>")[0]
     assert json.loads(config) == {
-        "data": "/-/map.json", "atlas": "/-/map/atlas/", "thumbnail": "/-/thumbnail/", "similar": "/-/similar/",
-    }  # fmt: skip
+        "data": "/-/map.json",
+        "atlas": "/-/map/atlas/",
+        "thumbnail": "/-/thumbnail/",
+        "similar": "/-/similar/",
+    }
     assert "<script>alert" not in html  # labels reach the page only as JSON, shown with textContent
 
 
