@@ -8,7 +8,8 @@ For each size: build time, index file size, query latency p50 / p99 (one query a
 a time, as a similar-images page asks) and recall@10 against exact search. Annoy
 runs the way collection/index.py queries it: k + 1 nearest by Annoy, rescored by
 the dot product of the stored vectors, the query itself left out. ``--trees`` and
-``--search-k`` take lists to sweep; they default to N_TREES and SEARCH_K.
+``--search-k`` take lists to sweep; they default to N_TREES and, per size, the
+search_k that collection/index.py uses for an index that big (search_k_for).
 ``--searcher`` adds the whole product path (collection.index.Searcher over a SQLite
 collection: the database checks, the exact remainder, the rescoring) up to 100k.
 """
@@ -26,7 +27,7 @@ import numpy as np
 from annoy import AnnoyIndex
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from collection.index import N_TREES, SEARCH_K, build, open_index  # noqa: E402
+from collection.index import N_TREES, Searcher, build, search_k_for  # noqa: E402
 from collection.store import Store  # noqa: E402
 
 D = 2048
@@ -176,7 +177,9 @@ def run_annoy(
     return results
 
 
-def run_searcher(x: np.ndarray, queries: np.ndarray, truth: np.ndarray, folder: Path) -> dict:
+def run_searcher(
+    x: np.ndarray, queries: np.ndarray, truth: np.ndarray, search_ks: list[int], folder: Path
+) -> list[dict]:
     """The product: vectors in a SQLite collection, `build`, then Searcher.similar per query."""
     db_path = folder / "bench.db"
     store = Store(db_path)
@@ -195,17 +198,22 @@ def run_searcher(x: np.ndarray, queries: np.ndarray, truth: np.ndarray, folder: 
     began = time.perf_counter()
     result = build(db_path)
     seconds = time.perf_counter() - began
-    searcher = open_index(db_path)
-    measured = run_queries(queries, truth, lambda q: [i - 1 for i, _ in searcher.similar(int(q) + 1, K)])
-    searcher.close()
-    return {
-        "method": "Searcher (SQLite)",
-        "n_trees": result["index_n_trees"],
-        "search_k": searcher.search_k,
-        "build": seconds,
-        "mb": result["size"] / 1e6,
-        **measured,
-    }
+    results = []
+    for search_k in search_ks:
+        searcher = Searcher(db_path, search_k=search_k)
+        measured = run_queries(queries, truth, lambda q: [i - 1 for i, _ in searcher.similar(int(q) + 1, K)])
+        searcher.close()
+        results.append(
+            {
+                "method": "Searcher (SQLite)",
+                "n_trees": result["index_n_trees"],
+                "search_k": search_k,
+                "build": seconds,
+                "mb": result["size"] / 1e6,
+                **measured,
+            }
+        )
+    return results
 
 
 def main() -> None:
@@ -215,7 +223,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="10k,100k", help="comma-separated, e.g. 10k,100k,1m")
     parser.add_argument("--queries", type=int, default=500, help="query items per size")
     parser.add_argument("--trees", default=str(N_TREES), help="comma-separated n_trees to build")
-    parser.add_argument("--search-k", default=str(SEARCH_K), help="comma-separated search_k to query with")
+    parser.add_argument(
+        "--search-k", help="comma-separated search_k to query with [default: search_k_for(size)]"
+    )
     parser.add_argument("--exact-budget", type=float, default=60.0, help="seconds of exact queries per size")
     parser.add_argument(
         "--searcher", action="store_true", help="also time collection.index.Searcher (<= 100k)"
@@ -223,7 +233,6 @@ def main() -> None:
     parser.add_argument("--tmp", default=tempfile.gettempdir(), help="where the vectors and index files go")
     args = parser.parse_args()
     trees = [int(t) for t in args.trees.split(",")]
-    search_ks = [int(s) for s in args.search_k.split(",")]
     print(
         f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; command: {' '.join(sys.argv)}"
     )
@@ -239,11 +248,12 @@ def main() -> None:
                 f"{size:,} vectors: generated and ground truth in {time.perf_counter() - started:.0f}s",
                 flush=True,
             )
+            search_ks = [int(s) for s in args.search_k.split(",")] if args.search_k else [search_k_for(size)]
             results = [run_exact(x, queries, truth, args.exact_budget)]
             for n_trees in trees:
                 results += run_annoy(x, queries, truth, n_trees, search_ks, folder)
             if args.searcher and size <= 100_000:
-                results.append(run_searcher(x, queries, truth, folder))
+                results += run_searcher(x, queries, truth, search_ks, folder)
             for r in results:
                 print(
                     f"    {r['method']} {r.get('n_trees', '')} {r.get('search_k', '')}: recall {r['recall']:.3f}, "

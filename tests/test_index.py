@@ -13,9 +13,17 @@ from annoy import AnnoyIndex
 from click.testing import CliRunner
 
 from collection.cli import cli
-from collection.index import Indexer, build, index_path, open_index, register_functions, update_matches
+from collection.index import (
+    Indexer,
+    Searcher,
+    build,
+    index_path,
+    open_index,
+    register_functions,
+    update_matches,
+)
 from collection.store import Store, encode
-from conftest import make_image
+from conftest import make_image, wait_until
 
 MODEL = "test-model"
 _paths = itertools.count()
@@ -45,18 +53,16 @@ def reembed(store: Store, image_id: int, vector) -> None:
         store.save_image(row["path"], 1.0, {"sha256": row["sha256"]}, vector, [], MODEL)
 
 
-def exact(store: Store, query, k: int = 10, min_score: float = 0.0) -> list[tuple[int, float]]:
+def exact(store: Store, image_id: int, k: int = 10, min_score: float = 0.0) -> list[tuple[int, float]]:
     """Brute force over the live vectors: the answer the index should give."""
     rows = store.db.execute(
         "select v.image_id, v.vector from vectors v join images i on i.id = v.image_id "
         "where i.deleted_at is null"
     ).fetchall()
     ids = [r[0] for r in rows]
-    matrix = np.stack([np.frombuffer(r[1], "<f4") for r in rows])
-    exclude = query if isinstance(query, int) else None
-    vector = matrix[ids.index(query)] if exclude is not None else np.asarray(query, "<f4")
-    scores = matrix.astype(np.float64) @ vector.astype(np.float64)
-    ranked = sorted((-s, i) for i, s in zip(ids, scores) if i != exclude and s >= min_score)
+    matrix = np.stack([np.frombuffer(r[1], "<f4") for r in rows]).astype(np.float64)
+    scores = matrix @ matrix[ids.index(image_id)]
+    ranked = sorted((-s, i) for i, s in zip(ids, scores) if i != image_id and s >= min_score)
     return [(i, -s) for s, i in ranked[:k]]
 
 
@@ -182,6 +188,40 @@ def test_rebuild_replaces_the_file_while_a_reader_holds_the_old_one(store, db_pa
     assert (status["indexed"], status["unindexed"]) == (400, 0)  # the reader moved over
     assert not [p for p in os.listdir(db_path.parent) if p.endswith(".tmp")]
     assert_exact(store, searcher, [ids[0], more[0]], k=5)
+
+
+def test_queries_go_on_during_a_background_rebuild(store, db_path):
+    ids = add(store, clustered(18, 400))
+    build(db_path, n_trees=5)
+    add(store, clustered(19, 200))
+    searcher = open_index(db_path)
+    indexer = Indexer(db_path, n_trees=20, share=0.1, count=100, minimum=1)
+    assert indexer.check()
+
+    def on_the_new_file():
+        assert len(searcher.similar(ids[0])) == 10
+        return searcher.status()["indexed"] == 600
+
+    wait_until(on_the_new_file, timeout=60, message="the reader to move to the rebuilt file")
+    indexer.join()
+    assert_exact(store, searcher, ids[:3])
+
+
+def test_a_file_its_record_does_not_describe_is_not_used(store, db_path):
+    ids = add(store, clustered(20, 200))
+    build(db_path, n_trees=5)
+    searcher = open_index(db_path)
+    searcher.similar(ids[0])
+    stray = AnnoyIndex(32, "angular")  # as a builder's file is between its replace and its commit
+    stray.add_item(0, [1.0] * 32)
+    stray.build(1)
+    stray.save(f"{index_path(db_path)}.stray")
+    os.replace(f"{index_path(db_path)}.stray", index_path(db_path))
+    assert_exact(store, searcher, ids[:3])  # a reader keeps the file it has
+    fresh = Searcher(db_path)
+    assert_exact(store, fresh, ids[:3])  # a new one searches exactly until a build records a file
+    assert fresh.status()["indexed"] == 0
+    fresh.close()
 
 
 def test_the_same_seed_gives_the_same_index(tmp_path):
