@@ -33,10 +33,10 @@ METHOD_NAMES = {
     "tsne-sample": "t-SNE on a sample (the rest placed near their neighbours)",
     "pca": "PCA",
 }
-# The most images auto gives to t-SNE; a larger collection's sample. bench/map.py on 2
-# busy cores, one thread: t-SNE of 1k images 5 s, 10k 99 s; 50k would take many minutes.
-# PCA alone is quick but keeps only 3% of each image's 10 map neighbours in its own
-# cluster at 50k (t-SNE 100%, the sample 90%+).
+# The most images auto gives to t-SNE; a larger collection's sample. bench/map.py, one
+# thread of a busy 2-core machine: t-SNE of 1k images 4 s, 10k 69 s, 50k 590 s; at 50k a
+# 10k sample and the rest placed 134 s. Of each image's 10 neighbours on the map, from its
+# own cluster: t-SNE 100%, the sample 88%, PCA alone 3% (quick, but no map at that size).
 TSNE_MAX = 10_000
 TSNE_MIN = 10  # fewer points than this give t-SNE nothing to work with
 PCA_DIMENSIONS = 50
@@ -45,6 +45,11 @@ NEIGHBOURS = 10  # a new image goes to the weighted mean of this many nearest ne
 SHARPNESS = 20.0  # neighbour weight exp(SHARPNESS * cosine): 0.05 closer counts e times more
 REFRESH_FRACTION = 0.2  # recompute once placed + unplaced images exceed this share of the map
 CHUNK = 4096  # vectors read at a time while searching for neighbours
+# OpenMP/BLAS threads for the layout. One: t-SNE's threads spin at every barrier while they
+# wait for each other, so on cores with other work (the watcher's model, Datasette) two
+# threads were 5x slower than one for 1k images (76 s vs 15 s) and 60x for 48 (17 s vs
+# 0.3 s), measured on a busy 2-core machine. None uses every core: for an idle machine.
+THREADS: int | None = 1
 
 TILE = 64  # pixels a side of one thumbnail in an atlas
 ATLAS_COLUMNS = 16
@@ -95,7 +100,7 @@ def layout(
     method: str = "auto",
     perplexity: float = PERPLEXITY,
     seed: int = 0,
-    threads: int | None = None,
+    threads: int | None = THREADS,
 ) -> tuple[np.ndarray, str]:
     """(n, 2) coordinates in [0, 1] for n L2-normalised vectors, and the method used.
     ``threads`` caps the OpenMP and BLAS threads (None: all cores)."""
@@ -207,7 +212,7 @@ def project(
     method: str = "auto",
     perplexity: float = PERPLEXITY,
     echo: Callable[[str], None] | None = None,
-    threads: int | None = None,
+    threads: int | None = THREADS,
 ) -> Projection:
     """Lay out every live image with a vector and replace the map with it."""
     echo = echo or (lambda message: None)
@@ -405,10 +410,7 @@ def refresh_in_background(store: Store) -> threading.Thread | None:
         try:
             own = Store(path)
             try:
-                # One thread: t-SNE's OpenMP threads spin while they wait for each other, and
-                # on cores busy with other work (the watcher's model) that made it 5x slower:
-                # 1k images took 76 s with 2 threads, 15 s with one, on a loaded 2-core machine.
-                project(own, method, perplexity, threads=1)
+                project(own, method, perplexity)
             finally:
                 own.close()
         finally:

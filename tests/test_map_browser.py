@@ -57,46 +57,34 @@ def responds(url: str) -> bool:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A mapped collection of near-duplicate clusters, served by `datasette` on a free port."""
-    db_path = tmp_path_factory.mktemp("map") / "collection.db"
+    folder = tmp_path_factory.mktemp("map")
+    db_path = folder / "collection.db"
     members = make_collection(db_path, clusters=CLUSTERS, per_cluster=PER_CLUSTER)
     store = Store(db_path)
-    projection.project(store, threads=1)  # see test_projection.one_thread
+    projection.project(store)
     store.close()
     port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "datasette",
-            "serve",
-            str(db_path),
-            "--plugins-dir",
-            "datasette_plugins",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    command = [sys.executable, "-m", "datasette", "serve", str(db_path)]
+    command += ["--plugins-dir", "datasette_plugins", "--host", "127.0.0.1", "--port", str(port)]
     base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(
-            lambda: responds(f"{base}/-/map.json") or process.poll() is not None,
-            timeout=60,
-            message="datasette to start",
-        )
-        assert process.poll() is None, process.stderr.read().decode()
-        yield base, members
-    finally:
-        process.terminate()
+    # its output to a file: a pipe that nobody reads can fill up and stall the server
+    with open(folder / "datasette.log", "w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            wait_until(
+                lambda: responds(f"{base}/-/map.json") or process.poll() is not None,
+                timeout=60,
+                message="datasette to start",
+            )
+            assert process.poll() is None, (folder / "datasette.log").read_text()
+            yield base, members
+        finally:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 @pytest.fixture(scope="module")

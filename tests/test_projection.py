@@ -13,7 +13,6 @@ import pytest_asyncio
 from click.testing import CliRunner
 from datasette.app import Datasette
 from PIL import Image, ImageDraw, ImageOps
-from threadpoolctl import threadpool_limits
 
 from collection import projection
 from collection.cli import cli
@@ -153,14 +152,6 @@ def positions(store: Store) -> dict[int, tuple[float, float, int]]:
     }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """t-SNE's OpenMP threads spin waiting for each other: on a busy shared test machine
-    that made these tests ten times slower than with one thread."""
-    with threadpool_limits(limits=1):
-        yield
-
-
 @pytest.fixture
 def collection(db_path):
     return db_path, make_collection(db_path)
@@ -292,6 +283,19 @@ def test_new_image_is_placed_near_its_neighbours(collection):
         0
     ]
     assert tile == len(members)  # a new tile after the projected ones
+
+
+def test_place_new_inside_the_callers_transaction(collection):
+    db_path, _ = collection
+    store = Store(db_path)
+    projection.project(store)
+    with store.db.atomic():  # the watcher's batch: the image and its place commit together
+        new_id = add_image(store, "batch.jpg", cluster_centres(6)[3], [LABELS[3]], pattern(3, 7))
+        assert projection.place_new(store, [new_id]) == 1
+        assert store.db.conn.in_transaction
+    assert not store.db.conn.in_transaction
+    other = Store(db_path)
+    assert positions(other)[new_id][2] == 1
 
 
 def test_place_new_leaves_unchanged_images_and_replaces_changed_content(collection):
