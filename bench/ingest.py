@@ -145,24 +145,19 @@ def run_ceiling(name: str, precision: str, files: list[Path]) -> tuple[float, in
 
 def run_add(name: str, precision: str, files: list[Path], batch_size: int | None) -> float:
     """`collection add` end to end: decode + model + SQLite + matches, into a new database."""
-    from collection.index import Indexer, update_matches
     from collection.ingest import Ingester
     from collection.store import Store
+    from collection.upkeep import Upkeep
 
     model = make_model(name, precision)
     model.embed_batch([np.zeros((model.input_size,) * 2 + (3,), np.uint8)] * (batch_size or model.batch_size))
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "bench.db")
-        indexer = Indexer(store.path)
-
-        def after_batch(ids):  # as `collection add` does
-            update_matches(store, ids)
-            indexer.check()
-
-        ingester = Ingester(store, model, batch_size=batch_size, on_batch=after_batch)
+        upkeep = Upkeep(store, refresh_map=False)  # as `collection add` does
+        ingester = Ingester(store, model, batch_size=batch_size, on_batch=upkeep.after_batch)
         start = time.perf_counter()
         summary = ingester.add([str(p) for p in files])
-        indexer.join()
+        upkeep.join()
         elapsed = time.perf_counter() - start
         assert summary.added == len(files), summary.line()
     return len(files) / elapsed

@@ -91,27 +91,22 @@ def add(paths, db_path, model_name, weights, precision, recursive, batch_size):
     Unchanged files are skipped, renamed or copied files reuse their stored
     vector, and changed files are embedded again under the same id.
     """
-    from .index import Indexer, update_matches
     from .ingest import Ingester, iter_files
+    from .upkeep import Upkeep
 
     store = open_store(db_path)
     files = list(iter_files(paths, recursive))
     if not files:
         raise click.ClickException("no image files found (use --recursive for subfolders)")
     model = load_model(store, model_name, weights, precision)
-    indexer = Indexer(store.path)
-
-    def after_batch(ids):  # similar images and matches stay current as batches land
-        update_matches(store, ids)
-        indexer.check()
-
-    ingester = Ingester(store, model, batch_size=batch_size, on_batch=after_batch)
+    upkeep = Upkeep(store, refresh_map=False)
+    ingester = Ingester(store, model, batch_size=batch_size, on_batch=upkeep.after_batch)
     if len(files) >= PROGRESS_FROM:
         with click.progressbar(length=len(files), label="Adding", show_pos=True, file=click.get_text_stream("stderr")) as bar:
             summary = ingester.add(files, progress=bar.update)
     else:
         summary = ingester.add(files)
-    indexer.join()
+    upkeep.join()
     click.echo(summary.line())
     if summary.failed:
         click.echo(f"See why with: collection failures --db {db_path}", err=True)

@@ -44,7 +44,7 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from .index import Indexer, update_matches
+from .upkeep import Upkeep
 from .ingest import IGNORE, Ingester, Summary, ignored, iter_files, wanted
 from .models import Model
 from .store import Store, now
@@ -199,7 +199,7 @@ class Watcher:
     def _run(self) -> None:
         try:
             self.store = Store(self.db_path)
-            self.indexer = Indexer(self.db_path)
+            self.upkeep = Upkeep(self.store)
             self.ingester = self._ingester()
         except BaseException as e:
             self._error = e
@@ -210,7 +210,7 @@ class Watcher:
             self._loop()
         finally:
             self._unwatch()
-            self.indexer.join()  # an index build in progress finishes and is put in place
+            self.upkeep.join()  # an index build in progress finishes and is put in place
             self.stats.state = "stopped"
             self._report(force=True)
             self.store.close()
@@ -548,12 +548,8 @@ class Watcher:
                     self.store.clear_failure(path)
 
     def _ingester(self) -> Ingester:
-        return Ingester(self.store, self.model, batch_size=self.batch_size, on_batch=self._after_batch)
-
-    def _after_batch(self, ids: list[int]) -> None:
-        """Each committed batch is in similar-image results and ``matches`` at once."""
-        update_matches(self.store, ids)
-        self.indexer.check()
+        # Each committed batch is in similar-image results, matches and the map at once.
+        return Ingester(self.store, self.model, batch_size=self.batch_size, on_batch=self.upkeep.after_batch)
 
     def _ingest(self, paths: list[str], source: str, logged: bool = False) -> None:
         """One ``Ingester.add`` call for everything ready, then one ingest_log row."""
@@ -569,7 +565,7 @@ class Watcher:
         moved, deleted = self._moved, self._deleted
         self._moved, self._deleted = 0, []
         if moved or deleted:  # a deleted image leaves the lists that named it
-            update_matches(self.store, deleted_ids=deleted)
+            self.upkeep.after_delete(deleted)
         if logged or summary.seen or moved or deleted:
             self.store.db["ingest_log"].insert(
                 {

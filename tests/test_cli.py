@@ -76,3 +76,19 @@ def test_models_lists_the_registry():
     result = run("models")
     assert "inception_v3" in result.output and "2048" in result.output
     assert "efficientnet_lite0" in result.output and "1280" in result.output
+
+
+def test_add_keeps_matches_and_the_map_current(tmp_path, images_dir):
+    for i in range(12):
+        make_image(images_dir / f"{i:02}.png", seed=i)
+    db = tmp_path / "c.db"
+    run("add", images_dir, "--db", db, *MODEL)
+    assert run("map", "--db", db, "--method", "pca").exit_code == 0
+    new = make_image(tmp_path / "later" / "new.png", seed=100)
+    run("add", new, "--db", db)
+    with sqlite3.connect(db) as conn:
+        new_id = conn.execute("select id from images where path = ?", [str(new)]).fetchone()[0]
+        placed = conn.execute("select placed from projection where image_id = ?", [new_id]).fetchone()
+        matches = conn.execute("select count(*) from matches where image_id = ?", [new_id]).fetchone()[0]
+    assert placed == (1,)  # put on the map next to its neighbours, no recompute
+    assert matches == 10
