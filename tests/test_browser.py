@@ -5,10 +5,8 @@ run no script, and saves screenshots under screenshots/ (git-ignored)."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -18,20 +16,11 @@ from PIL import Image, ImageOps
 from collection import images
 from collection.index import build
 from collection.store import Store
-from conftest import make_image, sample_photos, wait_until
+from conftest import CHROMIUM, CHROMIUM_ARGS, free_port, make_image, needs_chromium, responds, sample_photos, wait_until
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, needs_chromium]
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
 SCREENSHOTS = ROOT / "screenshots"
 HOSTILE = "<img src=x onerror=alert(1)>.jpg"
 
@@ -46,11 +35,6 @@ LABELS = {
 }
 
 pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-if not Path(CHROMIUM).exists():
-    pytest.skip(
-        f"{CHROMIUM} is absent: install Debian's chromium (apt-get install -y chromium)",
-        allow_module_level=True,
-    )
 
 
 def embed(image: Image.Image) -> np.ndarray:
@@ -100,20 +84,6 @@ def build_photo_collection(folder: Path, db_path: Path) -> dict[str, int]:
     store.close()
     build(db_path)  # the Annoy index, as `collection index` or the watcher makes it
     return ids
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def responds(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 @pytest.fixture

@@ -91,7 +91,8 @@ def test_a_changed_file_is_embedded_again_in_place(store, counting_model, images
 
 
 def test_bad_files_become_failures_and_the_run_goes_on(store, counting_model, images_dir):
-    good = [make_image(images_dir / f"good{i}.png", seed=i) for i in range(3)]
+    for i in range(3):
+        make_image(images_dir / f"good{i}.png", seed=i)
     (images_dir / "text.jpg").write_text("not a picture")
     (images_dir / "empty.png").write_bytes(b"")
     whole = make_image(images_dir / "whole.jpg", size=(300, 200)).read_bytes()

@@ -4,11 +4,8 @@ page. Saves screenshots under screenshots/ to look at."""
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,42 +13,13 @@ import pytest
 from collection import projection
 from collection.store import Store
 
-from conftest import wait_until
+from conftest import CHROMIUM, CHROMIUM_ARGS, free_port, needs_chromium, responds, wait_until
 from test_projection import LABELS, make_collection
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
 CLUSTERS, PER_CLUSTER = 30, 10  # 30 base pictures, each with 10 near-duplicate variants
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(
-        not os.path.exists(CHROMIUM),
-        reason=f"needs Chromium at {CHROMIUM} (apt-get install chromium)",
-    ),
-]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def responds(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
+pytestmark = [pytest.mark.browser, needs_chromium]
 
 
 @pytest.fixture(scope="module")
