@@ -8,7 +8,10 @@ imported only when a model is built, so the CLI and the Datasette plugin stay li
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -105,8 +108,9 @@ class Model:
     def load(self) -> Model:
         """Build now rather than on the first batch (to fail early with a clear message)."""
         if self._infer is None:
-            self.keras_model = self._with_precision(self._build)
-            self._infer = self._compile()
+            with _without_tensorflow_chatter():
+                self.keras_model = self._with_precision(self._build)
+                self._infer = self._compile()
         return self
 
     def weights_available(self) -> str | None:
@@ -289,6 +293,38 @@ def can_download(url: str, timeout: float = 3.0) -> bool:
             return response.status < 400
     except Exception:
         return False
+
+
+# What TensorFlow's C++ side prints on every start, whatever TF_CPP_MIN_LOG_LEVEL says.
+_CHATTER = (
+    "All log messages before absl::InitializeLog()",
+    "cudart_stub.cc",
+    "cuda_platform.cc",
+    "cuda_executor.cc",
+    "To enable the following instructions",
+    "This TensorFlow binary is optimized",
+    "oneDNN custom operations are on",
+)
+
+
+@contextmanager
+def _without_tensorflow_chatter():
+    """Hold back TensorFlow's start-up lines on stderr; pass everything else on."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            for line in capture.read().decode("utf-8", "replace").splitlines(keepends=True):
+                if not any(noise in line for noise in _CHATTER):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
 
 
 def keras_cache_dir() -> Path:

@@ -130,3 +130,12 @@ def test_the_download_check_is_bounded():
         start = time.monotonic()
         assert models.can_download(f"http://127.0.0.1:{server.getsockname()[1]}/w.h5", timeout=0.5) is False
         assert time.monotonic() - start < 5
+
+
+def test_tensorflow_start_up_chatter_is_held_back_and_the_rest_passed_on(capfd):
+    import os
+
+    with models._without_tensorflow_chatter():
+        os.write(2, b"I0000 00:00 123 cudart_stub.cc:31] Could not find cuda drivers\n")
+        os.write(2, b"a real problem\n")
+    assert capfd.readouterr().err == "a real problem\n"
