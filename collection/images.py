@@ -187,7 +187,9 @@ def thumbnail(image: Image.Image, max_side: int = 256, quality: int = 80) -> byt
     w, h = image.size
     scale = min(1.0, max_side / max(w, h))
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    thumb = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
+    # reducing_gap=1: a fast integer box reduction first, then Lanczos for the last step;
+    # half the time of the default at no visible cost at this size.
+    thumb = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=1.0)
     out = io.BytesIO()
     thumb.save(out, "JPEG", quality=quality)
     return out.getvalue()
