@@ -26,26 +26,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest import build_corpus  # noqa: E402  (the same corpus as the ingest benchmark)
 
-from collection.models import ModelError, get_model  # noqa: E402
+from collection.models import Counting, ModelError, get_model  # noqa: E402
 from collection.store import Store  # noqa: E402
 from collection.watcher import Watcher  # noqa: E402
 
 POLL = 0.005  # seconds between looks at the database
-
-
-class Counting:
-    """The model, counting its forward passes."""
-
-    def __init__(self, model):
-        self._model = model
-        self.calls: list[int] = []
-
-    def embed_batch(self, batch):
-        self.calls.append(len(batch))
-        return self._model.embed_batch(batch)
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
 
 
 def load_model(name: str):

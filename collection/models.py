@@ -247,6 +247,21 @@ class EfficientNetLite0(Model):
             ) from None
 
 
+class Counting:
+    """A model that counts its forward passes (their batch sizes), for tests and benchmarks."""
+
+    def __init__(self, model: Model):
+        self._model = model
+        self.calls: list[int] = []
+
+    def embed_batch(self, batch):
+        self.calls.append(len(batch))
+        return self._model.embed_batch(batch)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
 MODELS: dict[str, type[Model]] = {m.name: m for m in (InceptionV3, EfficientNetLite0)}
 AUTO = "auto"
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from collection.models import get_model
+from collection.models import Counting, get_model
 from collection.store import Store
 
 
@@ -108,21 +108,6 @@ def store(db_path):
     s.close()
 
 
-class CountingModel:
-    """Wraps a real model and counts its forward passes (batch sizes)."""
-
-    def __init__(self, model):
-        self._model = model
-        self.calls: list[int] = []
-
-    def embed_batch(self, batch):
-        self.calls.append(len(batch))
-        return self._model.embed_batch(batch)
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-
 @pytest.fixture(scope="session")
 def small_model():
     """The real EfficientNet-Lite0 architecture with seeded random weights: fast to build and run."""
@@ -131,4 +116,4 @@ def small_model():
 
 @pytest.fixture
 def counting_model(small_model):
-    return CountingModel(small_model)
+    return Counting(small_model)
