@@ -54,6 +54,7 @@ class _Read:
     pixels: np.ndarray | None = None
     thumbnail: tuple[bytes, int, int] | None = None
     error: str | None = None
+    stored: bool = False  # the path already had a row when triaged: an update, not an add
 
 
 # Never added from a folder: hidden files and folders, downloads and copies still being
@@ -193,7 +194,7 @@ class Ingester:
         if failure and failure["size"] == stat.st_size and failure["mtime"] == stat.st_mtime:
             summary.failed += 1  # failed before and has not changed since: not retried
             return None
-        return _Read(path, stat.st_size, stat.st_mtime)
+        return _Read(path, stat.st_size, stat.st_mtime, stored=row is not None)
 
     def _read(self, read: _Read) -> _Read:
         """Worker thread: read, hash, and (for unknown content) decode and fit."""
@@ -240,7 +241,6 @@ class Ingester:
                 else:
                     self._reuse(read, summary)
             for i, read in enumerate(batch):
-                existing = store.by_path(read.path)
                 image_id = store.save_image(
                     read.path,
                     read.mtime,
@@ -253,7 +253,7 @@ class Ingester:
                 store.clear_failure(read.path)
                 self.known.add(read.sha256)
                 summary.ids.append(image_id)
-                if existing:
+                if read.stored:
                     summary.updated += 1
                 else:
                     summary.added += 1

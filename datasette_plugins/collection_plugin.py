@@ -118,8 +118,7 @@ def register_routes():
         (rf"^/-/thumbnail/{ID}\.jpg$", thumbnail),
         (rf"^/-/image/{ID}$", image),
         (rf"^/-/similar/{ID}(?P<format>\.json)?$", similar),
-        # Anything else under these prefixes is a 404 page from here: Datasette 0.65's own
-        # 404 handler fails (500) when rich is installed, and keras installs rich.
+        # Anything else under these prefixes: a 404 that says how images are addressed.
         (r"^/-/(?:thumbnail|image|similar)/(?P<rest>.*)$", not_an_image),
     ]
 

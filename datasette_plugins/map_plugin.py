@@ -29,8 +29,7 @@ def register_routes():
         (r"^/-/map$", map_page),
         (r"^/-/map\.json$", map_json),
         (r"^/-/map/atlas/(?P<n>[0-9]{1,6})\.jpg$", atlas),
-        # Anything else below /-/map/ is a 404 from here: Datasette 0.65's own 404
-        # handler fails (500) when rich is installed, and keras installs rich.
+        # Anything else below /-/map/: a 404 that names the map's own routes.
         (r"^/-/map/(?P<rest>.*)$", not_on_the_map),
     ]
 
