@@ -77,9 +77,11 @@ def decode(
 ) -> Decoded:
     """Open ``path`` (or its already-read ``data``) and return it as RGB with metadata.
 
-    ``min_side``: the smallest short side the caller needs; a JPEG much larger
-    than that is decoded at a reduced scale (DCT scaling), which is several
-    times faster than a full decode followed by a resize.
+    ``min_side``: the smallest short side the caller needs. A JPEG much larger
+    than that is decoded at a reduced scale (DCT scaling), several times faster
+    than a full decode; any other image at least twice that size is box-reduced
+    by a whole factor right after decoding, so that fitting it to the model and
+    making its thumbnail work on a small image.
     ``sha256``: the hash of ``data`` when the caller has it already.
     Raises ImageError with a reason a person can act on.
     """
@@ -127,6 +129,8 @@ def decode(
         raise ImageError(f"cannot decode image: {e}") from None
 
     try:
+        if min_side:
+            img = reduce(img, min_side)
         if orientation != 1:
             img = ImageOps.exif_transpose(img)
         rgb = to_rgb(img)
@@ -142,6 +146,17 @@ def decode(
         image=rgb,
         **exif,
     )
+
+
+def reduce(img: Image.Image, min_side: int) -> Image.Image:
+    """Shrink by the largest whole factor that keeps the short side >= ``min_side``
+    (a box filter: each output pixel is the mean of a factor x factor block)."""
+    factor = min(img.size) // min_side
+    if factor < 2 or img.mode not in ("RGB", "RGBA", "L", "LA", "CMYK", "YCbCr", "I", "F", "P"):
+        return img
+    if img.mode == "P":  # box means of palette indices are meaningless
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    return img.reduce(factor)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -151,6 +151,51 @@ def test_draft_decoding_keeps_enough_pixels(tmp_path):
     assert decoded.image.size[0] < 2000  # but it decoded at a reduced scale
 
 
+@pytest.mark.parametrize("fmt", ["png", "webp", "tiff"])
+def test_large_non_jpeg_images_are_reduced_after_decoding(tmp_path, fmt):
+    path = make_image(tmp_path / f"big.{fmt}", size=(1200, 900))
+    decoded = images.decode(path, min_side=256)
+    assert (decoded.width, decoded.height) == (1200, 900)  # metadata is the original size
+    assert decoded.image.size == (400, 300)  # the largest whole factor (3) keeping 300 >= 256
+    full = images.decode(path).image
+    assert full.size == (1200, 900)  # no min_side: nothing reduced
+    # what the model sees barely changes: box reduction, then the same bicubic fit
+    difference = np.abs(images.fit(decoded.image, 224, 0.875).astype(int) - images.fit(full, 224, 0.875))
+    assert difference.mean() < 2.0
+
+
+def test_reduce_averages_blocks_and_leaves_small_images_alone():
+    arr = np.random.default_rng(0).integers(0, 256, (40, 60), dtype=np.uint8)
+    reduced = np.asarray(images.reduce(Image.fromarray(arr, "L"), 10))
+    assert reduced.shape == (10, 15)  # factor 4: 10 >= 10, factor 5 would give 8
+    blocks = arr.reshape(10, 4, 15, 4).mean(axis=(1, 3))
+    assert np.abs(reduced - blocks).max() <= 1  # rounding
+    small = Image.fromarray(arr, "L")
+    assert images.reduce(small, 21) is small  # under twice min_side: untouched
+
+
+def test_reduce_turns_palette_images_into_colour_first():
+    arr = np.zeros((200, 200), np.uint8)
+    arr[:, 100:] = 1  # palette index 1 on the right half
+    image = Image.fromarray(arr, "P")
+    image.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)  # 0 red, 1 blue
+    reduced = images.reduce(image, 50)
+    assert reduced.mode == "RGB" and reduced.size == (50, 50)
+    assert reduced.getpixel((10, 25)) == (255, 0, 0)
+    assert reduced.getpixel((40, 25)) == (0, 0, 255)
+
+
+def test_sixteen_bit_images_decode_at_full_scale_with_min_side(tmp_path):
+    arr = np.tile(np.linspace(0, 65535, 600, dtype=np.uint16), (600, 1))  # black to white
+    path = tmp_path / "deep.png"
+    Image.fromarray(arr).save(path)
+    decoded = images.decode(path, min_side=256)  # box-reduced if Pillow can, else kept whole
+    assert min(decoded.image.size) >= 256
+    rgb = np.asarray(decoded.image)
+    assert rgb[:, 0].max() <= 2 and rgb[:, -1].min() >= 253  # the full range survives
+    assert 100 < rgb[0, rgb.shape[1] // 2, 0] < 156
+
+
 def test_fit_crops_the_centre_and_resizes():
     arr = np.zeros((100, 200, 3), np.uint8)
     arr[:, 50:150] = 255  # the centre square is white, the sides black

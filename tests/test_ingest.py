@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -174,3 +175,63 @@ def test_iter_files_filters_folders(images_dir):
     deep = [os.path.basename(p) for p in iter_files([images_dir], recursive=True)]
     assert flat == ["a.jpg"]
     assert deep == ["a.jpg", "b.png"]
+
+
+class _SlowModel:
+    """Wraps a model: each forward pass notes how many files were decoded when it
+    ended, after a pause long enough for a worker to decode a batch meanwhile."""
+
+    def __init__(self, model, ingester_reads):
+        self._model = model
+        self._reads = ingester_reads
+        self.decoded_at_end: list[int] = []
+
+    def embed_batch(self, batch):
+        time.sleep(0.5)
+        self.decoded_at_end.append(len(self._reads))
+        return self._model.embed_batch(batch)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def test_the_next_batch_is_decoded_while_the_model_runs(store, small_model, images_dir):
+    paths = [make_image(images_dir / f"{i}.png", seed=i) for i in range(6)]
+    reads: list[str] = []
+
+    class Recording(Ingester):
+        def _read(self, read):
+            result = super()._read(read)
+            reads.append(read.path)
+            return result
+
+    model = _SlowModel(small_model, reads)
+    summary = Recording(store, model, batch_size=2, workers=1).add([str(p) for p in paths])
+    assert summary.added == 6 and summary.batches == [2, 2, 2]
+    # while batch 1 was in the model, batch 2 was decoded; then batch 3 during batch 2
+    assert model.decoded_at_end == [4, 6, 6]
+
+
+def test_summary_says_where_the_time_went(store, small_model, images_dir):
+    paths = [make_image(images_dir / f"{i}.jpg", seed=i) for i in range(5)]
+    started = time.perf_counter()
+    summary = _add(store, small_model, paths, batch_size=2, on_batch=lambda ids: time.sleep(0.1))
+    elapsed = time.perf_counter() - started
+    assert set(summary.seconds) == {"decoding", "model", "writing", "after batch"}
+    assert summary.seconds["after batch"] >= 0.3  # three batches, 0.1 s each
+    assert summary.seconds["model"] > 0
+    assert sum(summary.seconds.values()) <= elapsed
+
+
+def test_decoding_threads_leave_a_cpu_model_most_cores(monkeypatch):
+    from collection import ingest
+
+    class Model:
+        accelerated = False
+
+    for cores, on_cpu, on_gpu in ((1, 1, 1), (2, 1, 2), (8, 2, 4), (16, 4, 4)):
+        monkeypatch.setattr(ingest.os, "cpu_count", lambda cores=cores: cores)
+        Model.accelerated = False
+        assert ingest.decode_workers(Model()) == on_cpu
+        Model.accelerated = True
+        assert ingest.decode_workers(Model()) == on_gpu

@@ -54,6 +54,22 @@ def test_top_labels_are_imagenet_classes(inception):
     assert top[0][2] == pytest.approx(0.6)
 
 
+def test_class_names_read_from_source_match_keras_hub():
+    from keras_hub.utils import imagenet_id_to_name
+
+    names = models.imagenet_classes()
+    assert [label for _, label in names] == [imagenet_id_to_name(i) for i in range(1000)]
+    assert len({wnid for wnid, _ in names}) == 1000
+
+
+def test_class_names_fall_back_to_the_import(monkeypatch):
+    def broken(module, name):
+        raise LookupError(name)
+
+    monkeypatch.setattr(models, "_literal_from_source", broken)
+    assert models.imagenet_classes()[281] == ("n02123045", "tabby")
+
+
 def test_missing_weights_file_says_what_to_do(tmp_path):
     model = models.get_model("inception_v3", weights=str(tmp_path / "nope.h5"))
     with pytest.raises(models.ModelError) as error:
