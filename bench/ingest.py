@@ -150,7 +150,7 @@ def run_ceiling(name: str, precision: str, files: list[Path]) -> tuple[float, in
     return rate(best, len(files)), best
 
 
-def run_add(name: str, precision: str, files: list[Path], batch_size: int | None) -> tuple[float, dict]:
+def run_add(name: str, precision: str, files: list[Path], batch_size: int | None) -> tuple[float, dict, float]:
     """`collection add` end to end: decode + model + SQLite + matches, into a new database."""
     from collection.ingest import Ingester
     from collection.store import Store
@@ -161,14 +161,27 @@ def run_add(name: str, precision: str, files: list[Path], batch_size: int | None
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "bench.db")
         upkeep = Upkeep(store, refresh_map=False)  # as `collection add` does
-        ingester = Ingester(store, model, batch_size=batch_size, on_batch=upkeep.after_batch)
+        rss: list[float] = []
+
+        def after_batch(ids):
+            upkeep.after_batch(ids)
+            rss.append(current_rss_mb())
+
+        ingester = Ingester(store, model, batch_size=batch_size, on_batch=after_batch)
         start = time.perf_counter()
         summary = ingester.add([str(p) for p in files])
         upkeep.join()
         elapsed = time.perf_counter() - start
         assert summary.added == len(files), summary.line()
     shares = {k: v / elapsed for k, v in summary.seconds.items()}
-    return len(files) / elapsed, shares
+    # Flat memory: resident size at the end against after the first quarter of the batches.
+    growth = rss[-1] - rss[len(rss) // 4]
+    return len(files) / elapsed, shares, growth
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def child(args) -> None:
@@ -179,7 +192,7 @@ def child(args) -> None:
     elif args.run == "ceiling":
         result["rate"], result["batch"] = run_ceiling(args.model, args.precision, files)
     else:
-        result["rate"], result["shares"] = run_add(args.model, args.precision, files, args.batch_size)
+        result["rate"], result["shares"], result["rss_growth_mb"] = run_add(args.model, args.precision, files, args.batch_size)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
 
@@ -195,7 +208,8 @@ def measure(run: str, name: str, precision: str, corpus: Path, batch_size: int |
         raise SystemExit(f"{run} {name} {precision} failed")
     r = json.loads(out.stdout.strip().splitlines()[-1])
     batch = f" (batch {r['batch']})" if "batch" in r else ""
-    print(f"  {name:<18} {run:<9} {precision}: {r['rate']:6.2f} images/s{batch}, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+    growth = f", RSS {r['rss_growth_mb']:+.0f} MB from the first quarter to the end" if "rss_growth_mb" in r else ""
+    print(f"  {name:<18} {run:<9} {precision}: {r['rate']:6.2f} images/s{batch}, peak RSS {r['peak_rss_mb']:.0f} MB{growth}", flush=True)
     return r
 
 
@@ -205,6 +219,8 @@ def combine(runs: list[dict]) -> dict:
     out["rates"] = [r["rate"] for r in runs]
     if "batch" in runs[0]:
         out["batch"] = Counter(r["batch"] for r in runs).most_common(1)[0][0]
+    if "rss_growth_mb" in runs[0]:
+        out["rss_growth_mb"] = max(r["rss_growth_mb"] for r in runs)
     if "shares" in runs[0]:
         keys = {k for r in runs for k in r["shares"]}
         out["shares"] = {k: float(np.median([r["shares"].get(k, 0.0) for r in runs])) for k in keys}
@@ -242,9 +258,10 @@ def main() -> None:
                 runs[(run, precision)].append(measure(run, name, precision, corpus, args.batch_size))
         rows.append((name, {config: combine(r) for config, r in runs.items()}))
 
-    print(f"\nMedians of {args.rounds} rounds (the 2017 loop: one run).\n")
-    print("| model | configuration | precision | images/s | peak RSS MB | 3/1 | 3/2 |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
+    print(f"\nMedians of {args.rounds} rounds (the 2017 loop: one run). RSS growth: `add`'s resident")
+    print("size at the end less after the first quarter of its batches (the largest over rounds).\n")
+    print("| model | configuration | precision | images/s | peak RSS MB | RSS growth MB | 3/1 | 3/2 |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     labels = {"loop2017": "1. 2017 loop (batch 1, two passes)", "ceiling": "2. forward pass alone", "add": "3. collection add, end to end"}
     for name, results in rows:
         loop = results.get(("loop2017", "fp32"), {}).get("rate")
@@ -255,7 +272,8 @@ def main() -> None:
                 ratio1 = f"{r['rate'] / loop:.2f}" if loop else ""
                 ratio2 = f"{r['rate'] / ceiling:.2f}" if ceiling else ""
             batch = f" (batch {r['batch']})" if "batch" in r else ""
-            print(f"| {name} | {labels[run]}{batch} | {precision} | {r['rate']:.2f} | {r['peak_rss_mb']:.0f} | {ratio1} | {ratio2} |")
+            growth = f"{r['rss_growth_mb']:+.0f}" if "rss_growth_mb" in r else ""
+            print(f"| {name} | {labels[run]}{batch} | {precision} | {r['rate']:.2f} | {r['peak_rss_mb']:.0f} | {growth} | {ratio1} | {ratio2} |")
 
     print("\nWhere `add` spends its wall-clock time (calling thread; decoding: waiting for images not yet decoded):\n")
     parts = ["model", "decoding", "writing", "after batch"]
