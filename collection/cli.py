@@ -84,7 +84,7 @@ def cli():
 @db_option
 @model_options
 @click.option("-r", "--recursive", is_flag=True, help="Descend into subfolders.")
-@click.option("--batch-size", type=click.IntRange(1, 1024), help="Images per model call.")
+@click.option("--batch-size", type=click.IntRange(1, 1024), help="Images per model call [default: the model's, 16].")
 def add(paths, db_path, model_name, weights, precision, recursive, batch_size):
     """Add image files (or folders of them) to the collection.
 
@@ -214,7 +214,7 @@ def watch_options(f):
         is_flag=True,
         help="Poll the folder instead of waiting for OS events: for network drives (NFS, SMB).",
     )(f)
-    f = click.option("--batch-size", type=click.IntRange(1, 1024), help="Images per model call.")(f)
+    f = click.option("--batch-size", type=click.IntRange(1, 1024), help="Images per model call [default: the model's, 16].")(f)
     return model_options(db_option(f))
 
 
