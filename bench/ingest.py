@@ -216,7 +216,6 @@ def measure(run: str, name: str, precision: str, corpus: Path, batch_size: int |
 def combine(runs: list[dict]) -> dict:
     """Median rate (and time shares) over rounds, highest peak RSS."""
     out = {"rate": float(np.median([r["rate"] for r in runs])), "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
-    out["rates"] = [r["rate"] for r in runs]
     if "batch" in runs[0]:
         out["batch"] = Counter(r["batch"] for r in runs).most_common(1)[0][0]
     if "rss_growth_mb" in runs[0]:

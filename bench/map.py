@@ -22,7 +22,6 @@ import http.client
 import io
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,8 +32,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from collection import projection
-from collection.store import Store, encode, now
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve import free_port  # noqa: E402  (the similar-page benchmark's)
+
+from collection import projection  # noqa: E402
+from collection.store import Store, encode, now  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(tempfile.gettempdir()) / "collection-bench"
@@ -159,12 +161,6 @@ def collection(count: int, dimensions: int) -> Path:
             )
     store.close()
     return db_path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(port: int, path: str) -> tuple[float, bytes]:

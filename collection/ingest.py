@@ -10,6 +10,7 @@ import os
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -38,6 +39,15 @@ class Summary:
     @property
     def seen(self) -> int:
         return self.added + self.updated + self.unchanged + self.reused + self.failed
+
+    @contextmanager
+    def timing(self, what: str) -> Iterator[None]:
+        """Add the wall-clock time of the ``with`` block to ``seconds[what]``."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[what] += time.perf_counter() - started
 
     def line(self) -> str:
         return (
@@ -164,9 +174,8 @@ class Ingester:
 
         def handle(chunk: list[Future]) -> None:
             for future in chunk:
-                started = time.perf_counter()
-                read = future.result()
-                summary.seconds["decoding"] += time.perf_counter() - started
+                with summary.timing("decoding"):
+                    read = future.result()
                 (batch if read.decoded is not None else other).append(read)
                 if len(batch) >= self.batch_size:
                     self._write(batch, other, summary)
@@ -241,16 +250,14 @@ class Ingester:
     def _write(self, batch: list[_Read], other: list[_Read], summary: Summary) -> None:
         """Embed the batch, then write it and everything else in one transaction."""
         vectors = probs = None
-        started = time.perf_counter()
-        if batch:
-            vectors, probs = self.model.embed_batch([r.pixels for r in batch])
-            summary.batches.append(len(batch))
-            labels = self.model.top_labels(probs)
-        summary.seconds["model"] += time.perf_counter() - started
-        started = time.perf_counter()
+        with summary.timing("model"):
+            if batch:
+                vectors, probs = self.model.embed_batch([r.pixels for r in batch])
+                summary.batches.append(len(batch))
+                labels = self.model.top_labels(probs)
         store = self.store
         first = len(summary.ids)
-        with store.db.atomic():
+        with summary.timing("writing"), store.db.atomic():
             for read in other:
                 if read.error:
                     store.record_failure(read.path, read.error, read.size or None, read.mtime or None)
@@ -274,11 +281,9 @@ class Ingester:
                     summary.updated += 1
                 else:
                     summary.added += 1
-        summary.seconds["writing"] += time.perf_counter() - started
         if self.on_batch and len(summary.ids) > first:
-            started = time.perf_counter()
-            self.on_batch(summary.ids[first:])
-            summary.seconds["after batch"] += time.perf_counter() - started
+            with summary.timing("after batch"):
+                self.on_batch(summary.ids[first:])
 
     def _reuse(self, read: _Read, summary: Summary) -> None:
         """Known content: same file touched, a file renamed, or a second copy."""

@@ -6,7 +6,6 @@ import errno
 import hashlib
 import io
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import pytest
 from collection.index import open_index
 from collection.ingest import IGNORE
 from collection.watcher import Stats, StatusLine, Watcher
-from conftest import make_image, wait_until
+from conftest import free_port, make_image, wait_until
 
 RANDOM_MODEL = "efficientnet_lite0:random"
 
@@ -232,12 +231,6 @@ def test_status_line_redraws_on_a_tty_and_prints_lines_otherwise():
 
 
 # --- the daemon as a real process ----------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sql(port: int, query: str) -> list:
