@@ -158,6 +158,51 @@ def m006_projection(db: sqlite_utils.Database) -> None:
     db["projection"].create_index(["tile"])
 
 
+
+@migrations()
+def m011_duplicates(db: sqlite_utils.Database) -> None:
+    """Duplicate groups in three tiers (collection/duplicates.py), a person's decisions
+    about them, and a log of the changes that can move an image between groups.
+
+    ``duplicate_groups`` holds only groups of two or more; an image is in at most one
+    group per tier, and ``group_id`` is the id of the group's representative, so a
+    regrouping from scratch gives the same ids. Decisions name images and groups by
+    those ids and live apart, so regrouping never touches them. The triggers log every
+    write that can change a grouping or a keeper, whoever makes it, as m003 does for
+    vectors: the duplicates code keeps and prunes its own log.
+    """
+    db["duplicate_groups"].create(
+        {"tier": str, "group_id": int, "image_id": int, "is_keeper": int, "score": float},
+        pk=("tier", "image_id"),
+    )
+    db["duplicate_groups"].create_index(["tier", "group_id"])
+    # image_id null: a decision about the whole group (ignore it).
+    db.execute(
+        "create table duplicate_decisions (tier text not null, group_id integer not null, "
+        "image_id integer, decision text not null, actor text, decided_at text not null)"
+    )
+    db.execute(
+        "create unique index duplicate_decisions_key "
+        "on duplicate_decisions (tier, group_id, coalesce(image_id, -1))"
+    )
+    db.execute(
+        "create table duplicate_changes (seq integer primary key autoincrement, image_id integer not null)"
+    )
+    log = "insert into duplicate_changes (image_id) values"
+    watched = ("sha256", "width", "height", "format", "taken_at", "mtime", "deleted_at")
+    differs = " or ".join(f"old.{c} is not new.{c}" for c in watched)
+    for trigger in (
+        f"duplicate_changes_image_insert after insert on images begin {log} (new.id); end",
+        f"duplicate_changes_image_delete after delete on images begin {log} (old.id); end",
+        f"duplicate_changes_image_update after update of {', '.join(watched)} on images "
+        f"when {differs} begin {log} (new.id); end",
+        f"duplicate_changes_vector_insert after insert on vectors begin {log} (new.image_id); end",
+        f"duplicate_changes_vector_update after update on vectors when old.vector is not new.vector "
+        f"begin {log} (new.image_id); end",
+        f"duplicate_changes_vector_delete after delete on vectors begin {log} (old.image_id); end",
+    ):
+        db.execute(f"create trigger {trigger}")
+
 # The columns of ``images`` that come from the file itself (images.Decoded.metadata()).
 _METADATA = ("sha256", "size", "width", "height", "format", "taken_at", "camera", "latitude", "longitude")
 

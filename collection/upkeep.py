@@ -3,7 +3,7 @@ similar-image search and ``matches`` (index.py) and the collection map (projecti
 
 from __future__ import annotations
 
-from . import projection
+from . import duplicates, projection
 from .index import Indexer, update_matches
 from .store import Store
 
@@ -24,11 +24,13 @@ class Upkeep:
         update_matches(self.store, ids)
         self.indexer.check()
         projection.place_new(self.store, ids)
+        duplicates.update(self.store, ids)
         if self.refresh_map:
             projection.refresh_in_background(self.store)
 
     def after_delete(self, ids: list[int]) -> None:
         update_matches(self.store, deleted_ids=ids)
+        duplicates.update(self.store, ids)
 
     def join(self) -> None:
         self.indexer.join()

@@ -1,0 +1,514 @@
+"""Duplicates in three tiers, as groups with a suggested keeper, kept current per batch.
+
+- ``exact``: the same bytes (sha256).
+- ``near``: the same picture resized, re-encoded, slightly cropped, rotated by EXIF or
+  lightly edited: cosine of the vectors at least the near threshold.
+- ``similar``: look-alikes (burst shots, the same scene): a looser threshold.
+
+The two vector tiers use one rule, applied in id order (the order images arrive): an
+image joins the representative with the highest cosine among the representatives of
+smaller id within the tier's threshold; with none, it is a representative itself. So
+every member is within the threshold of its group's representative (nothing chains
+through intermediates), an image added later never moves anyone else, and the grouping
+is a function of the live vectors alone: updating after a batch gives exactly what
+regrouping from scratch gives. A change or a deletion re-decides the images it can
+affect (the members of a representative that changed or went, and the later
+neighbours of an image that became a representative), in id order, so the work per
+batch is proportional to the batch and the neighbourhoods it touches.
+
+Candidates come from the similar-image searcher; scores are recomputed here in float64
+from the stored vectors, so a pair scores the same whichever side asks. Decisions
+(keep, not a duplicate, ignore) are a person's, in their own table, keyed by image and
+group ids that a regrouping reproduces; they are applied when groups are read, never
+written into the grouping. Nothing here deletes or moves a file.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+from .store import Store, decode, now
+
+TIERS = ("exact", "near", "similar")
+VECTOR_TIERS = ("near", "similar")
+# Calibrated with bench/duplicates.py on a labelled set (see README). Other models'
+# cosines spread differently; set the environment variables for them.
+THRESHOLDS = {
+    "efficientnet_lite0": {"near": 0.90, "similar": 0.75},
+}
+DEFAULT_THRESHOLDS = THRESHOLDS["efficientnet_lite0"]
+ENVIRONMENT = {"near": "COLLECTION_NEAR_DUPLICATE", "similar": "COLLECTION_SIMILAR"}
+# Formats a camera or scanner writes; a PNG, WebP, GIF or BMP copy is usually an export.
+ORIGINAL_FORMATS = {"JPEG", "MPO", "TIFF", "HEIF", "HEIC"}
+# The most neighbours within a threshold one image's search returns: past this, a group
+# of look-alikes so large that reviewing it pair by pair means nothing anyway.
+MAX_NEIGHBOURS = 1000
+_CACHED_VECTORS = 10_000  # memory bound of one pass: 50-80 MB of float32 vectors
+_MARGIN = 1e-4  # the searcher scores in float32; ask it for a little below the threshold
+DECISIONS = ("keep", "not_duplicate", "ignore")
+
+
+class DuplicatesError(Exception):
+    """A request about duplicates that cannot be done; the message says why."""
+
+
+def thresholds(model: str | None) -> dict[str, float]:
+    """The near and similar thresholds for a collection's model, after the environment."""
+    base = (model or "").split(":")[0]
+    chosen = dict(THRESHOLDS.get(base, DEFAULT_THRESHOLDS))
+    for tier, variable in ENVIRONMENT.items():
+        value = os.environ.get(variable)
+        if value:
+            try:
+                chosen[tier] = float(value)
+            except ValueError:
+                raise DuplicatesError(f"{variable} must be a cosine from -1 to 1, not {value!r}") from None
+            if not -1.0 <= chosen[tier] <= 1.0:
+                raise DuplicatesError(f"{variable} must be a cosine from -1 to 1, not {value!r}")
+    if chosen["similar"] > chosen["near"]:
+        raise DuplicatesError(
+            f"the similar threshold ({chosen['similar']}) must not be above the near one ({chosen['near']})"
+        )
+    return chosen
+
+
+# --- keeping the groups current --------------------------------------------------------
+
+
+def update(store: Store, ids: Iterable[int] = ()) -> int:
+    """Bring ``duplicate_groups`` up to date after committed writes; returns how many
+    images were re-decided. ``ids`` are joined by every id the change log names, so a
+    change made elsewhere is caught too. Thresholds other than those the groups were
+    made with, or a database that never had groups, mean a regrouping from scratch."""
+    config = thresholds(store.model)
+    done = store.get_meta("duplicates_seq")
+    if done is None or store.get_meta("duplicates_thresholds") != json.dumps(config, sort_keys=True):
+        return regroup(store)
+    upto = _last_change(store.db.conn)
+    changed = {int(i) for i in ids}
+    changed.update(
+        r[0] for r in store.db.execute("select image_id from duplicate_changes where seq > ?", [int(done)])
+    )
+    if not changed:
+        return 0
+    grouper = _Grouper(store, config, fresh=False)
+    grouper.run(sorted(changed))
+    with store.db.atomic():
+        grouper.write()
+        _finish(store, config, upto)
+    return grouper.decided
+
+
+def regroup(store: Store) -> int:
+    """Group every live image from scratch (the first time, or after a threshold changed)."""
+    config = thresholds(store.model)
+    upto = _last_change(store.db.conn)
+    live = [r[0] for r in store.db.execute("select id from images where deleted_at is null order by id")]
+    grouper = _Grouper(store, config, fresh=True)
+    grouper.run(live)
+    with store.db.atomic():
+        store.db.execute("delete from duplicate_groups")
+        grouper.write()
+        _finish(store, config, upto)
+    return grouper.decided
+
+
+def _last_change(conn: sqlite3.Connection) -> int:
+    row = conn.execute("select seq from sqlite_sequence where name = 'duplicate_changes'").fetchone()
+    return row[0] if row else 0
+
+
+def _finish(store: Store, config: dict[str, float], upto: int) -> None:
+    store.set_meta("duplicates_seq", upto)
+    store.set_meta("duplicates_thresholds", json.dumps(config, sort_keys=True))
+    store.db.execute("delete from duplicate_changes where seq <= ?", [upto])
+
+
+class _Grouper:
+    """One pass of re-deciding images in id order, in memory until ``write``."""
+
+    def __init__(self, store: Store, config: dict[str, float], fresh: bool):
+        from .index import open_index
+
+        self.db = store.db
+        self.searcher = open_index(store.path)
+        self.config = config
+        self.fresh = fresh  # from scratch: the table's current rows do not count
+        self.changed: set[int] = set()
+        self.live: dict[int, np.ndarray | None] = {}  # id -> vector, None when not live
+        self.exact_groups: dict[int, list[int]] = {}
+        self.decided = 0
+        # tier -> id -> its new representative (itself for one), None when not live
+        self.chosen: dict[str, dict[int, int | None]] = {tier: {} for tier in VECTOR_TIERS}
+        self.touched: dict[str, set[int]] = {tier: set() for tier in TIERS}  # group ids to rewrite
+
+    # --- deciding ---
+
+    def run(self, changed: list[int]) -> None:
+        self.changed = set(changed)
+        self._exact(changed)
+        heap = list(changed)
+        heapq.heapify(heap)
+        pending = {i: set(VECTOR_TIERS) for i in changed}
+        while heap:
+            image_id = heapq.heappop(heap)
+            tiers = pending.pop(image_id, None)
+            if not tiers:
+                continue
+            self.decided += 1
+            found = self._within(image_id)
+            for tier in sorted(tiers):
+                for later in self._decide(tier, image_id, found):
+                    if later not in pending:
+                        pending[later] = set()
+                        heapq.heappush(heap, later)
+                    pending[later].add(tier)
+
+    def _decide(self, tier: str, image_id: int, found: list[tuple[int, float]] | None) -> list[int]:
+        """Choose the image's representative in ``tier``; return the later images whose
+        choice this can change."""
+        was_representative, old_members = self._old_group(tier, image_id)
+        old_group_id = self._old_group_id(tier, image_id)
+        if old_group_id is not None:
+            self.touched[tier].add(old_group_id)
+        if found is None:  # deleted, or gone since
+            self.chosen[tier][image_id] = None
+            return old_members if was_representative else []
+        threshold = self.config[tier]
+        within = [(other, score) for other, score in found if score >= threshold]
+        candidates = [
+            (score, -other) for other, score in within if other < image_id and self._is_representative(tier, other)
+        ]
+        representative = -max(candidates)[1] if candidates else image_id
+        self.chosen[tier][image_id] = representative
+        self.touched[tier].add(representative)
+        is_representative = representative == image_id
+        again: list[int] = []
+        if was_representative and (not is_representative or image_id in self.changed):
+            again += old_members
+        if is_representative and (not was_representative or image_id in self.changed):
+            again += [other for other, _ in within if other > image_id]
+        return again
+
+    def _is_representative(self, tier: str, image_id: int) -> bool:
+        if image_id in self.chosen[tier]:
+            return self.chosen[tier][image_id] == image_id
+        group_id = self._old_group_id(tier, image_id)
+        return group_id is None or group_id == image_id
+
+    def _old_group_id(self, tier: str, image_id: int) -> int | None:
+        if self.fresh:
+            return None
+        row = self.db.execute(
+            "select group_id from duplicate_groups where tier = ? and image_id = ?", [tier, image_id]
+        ).fetchone()
+        return row[0] if row else None
+
+    def _old_group(self, tier: str, image_id: int) -> tuple[bool, list[int]]:
+        """Whether the table has the image as a representative, and its members if so."""
+        group_id = self._old_group_id(tier, image_id)
+        if group_id is not None and group_id != image_id:
+            return False, []
+        return True, self._old_members(tier, image_id)
+
+    def _old_members(self, tier: str, group_id: int) -> list[int]:
+        if self.fresh:
+            return []
+        return [
+            r[0]
+            for r in self.db.execute(
+                "select image_id from duplicate_groups where tier = ? and group_id = ? and image_id != group_id",
+                [tier, group_id],
+            )
+        ]
+
+    def _within(self, image_id: int) -> list[tuple[int, float]] | None:
+        """The live images within the loosest threshold of this one, rescored exactly;
+        None when this one is not live."""
+        vector = self._vector(image_id)
+        if vector is None:
+            return None
+        loosest = min(self.config.values()) - _MARGIN
+        k = 32
+        while True:
+            try:
+                found = self.searcher.similar(image_id, k, loosest)
+            except KeyError:  # deleted between our read and the searcher's
+                return None
+            if len(found) < k or k >= MAX_NEIGHBOURS:
+                break
+            k = min(4 * k, MAX_NEIGHBOURS)
+        scored = []
+        for other, _ in found:
+            theirs = self._vector(other)
+            if theirs is not None:
+                scored.append((other, float(np.dot(vector, theirs))))
+        return scored
+
+    def _vector(self, image_id: int) -> np.ndarray | None:
+        """The live image's vector in float64 (a dot product then scores a pair the same
+        whichever side asks), None when it is deleted or has none."""
+        if image_id not in self.live:
+            if len(self.live) >= _CACHED_VECTORS:  # a pass from scratch sees every vector once
+                self.live.clear()
+            row = self.db.execute(
+                "select v.vector from vectors v join images i on i.id = v.image_id "
+                "where v.image_id = ? and i.deleted_at is null",
+                [image_id],
+            ).fetchone()
+            self.live[image_id] = decode(row[0]) if row else None
+        vector = self.live[image_id]
+        return None if vector is None else vector.astype(np.float64)
+
+    def _exact(self, changed: list[int]) -> None:
+        """Same bytes: the groups of every sha256 the changed images had or have now."""
+        shas: set[str] = set()
+        for start in range(0, len(changed), 500):
+            chunk = changed[start : start + 500]
+            shas.update(
+                r[0]
+                for r in self.db.execute(
+                    "select sha256 from images where deleted_at is null and sha256 is not null "
+                    "and id in (select value from json_each(?))",
+                    [json.dumps(chunk)],
+                )
+            )
+            if not self.fresh:
+                for (group_id,) in self.db.execute(
+                    "select distinct group_id from duplicate_groups where tier = 'exact' "
+                    "and image_id in (select value from json_each(?))",
+                    [json.dumps(chunk)],
+                ):
+                    self.touched["exact"].add(group_id)
+                    shas.update(
+                        r[0]
+                        for r in self.db.execute(
+                            "select i.sha256 from duplicate_groups g join images i on i.id = g.image_id "
+                            "where g.tier = 'exact' and g.group_id = ? and i.sha256 is not null",
+                            [group_id],
+                        )
+                    )
+        for sha in shas:
+            members = [
+                r[0]
+                for r in self.db.execute(
+                    "select id from images where sha256 = ? and deleted_at is null order by id", [sha]
+                )
+            ]
+            if members:
+                self.exact_groups[members[0]] = members
+                self.touched["exact"].add(members[0])
+
+    # --- writing ---
+
+    def write(self) -> None:
+        """Rewrite every group the pass touched, with its keeper and scores to it."""
+        for tier in TIERS:
+            regrouped = [(g, members) for g, members in self._groups(tier) if len(members) > 1]
+            for column, ids in (("group_id", sorted(self.touched[tier])), ("image_id", list(self.chosen.get(tier, ())))):
+                for start in range(0, len(ids), 500):
+                    self.db.execute(
+                        f"delete from duplicate_groups where tier = ? and {column} in (select value from json_each(?))",
+                        [tier, json.dumps(ids[start : start + 500])],
+                    )
+            for group_id, members in regrouped:
+                self._write_group(tier, group_id, members)
+
+    def _groups(self, tier: str) -> Iterator[tuple[int, list[int]]]:
+        """Each touched group's members as they are now: read before the rewrite, since
+        members nobody re-decided stay where the table has them."""
+        if tier == "exact":
+            yield from self.exact_groups.items()
+            return
+        chosen = self.chosen[tier]
+        by_group: dict[int, list[int]] = {}
+        for image_id, representative in chosen.items():
+            if representative is not None:
+                by_group.setdefault(representative, []).append(image_id)
+        for group_id in sorted(self.touched[tier]):
+            if chosen.get(group_id, group_id) != group_id:
+                continue  # no longer a representative: its members were all re-decided
+            if group_id not in chosen and self._vector(group_id) is None:
+                continue
+            members = set(by_group.get(group_id, [])) | {group_id}
+            members.update(m for m in self._old_members(tier, group_id) if m not in chosen)
+            yield group_id, sorted(members)
+
+    def _write_group(self, tier: str, group_id: int, members: list[int]) -> None:
+        rows = {
+            r[0]: r
+            for r in self.db.execute(
+                "select id, width, height, format, taken_at, mtime from images "
+                "where id in (select value from json_each(?))",
+                [json.dumps(members)],
+            )
+        }
+        keeper = min(members, key=lambda i: keeper_order(*rows[i][1:], image_id=i))
+        if tier == "exact":
+            scores = {i: 1.0 for i in members}
+        else:
+            kept = self._vector(keeper)
+            scores = {i: float(np.dot(self._vector(i), kept)) for i in members}
+        self.db.conn.executemany(
+            "insert into duplicate_groups (tier, group_id, image_id, is_keeper, score) values (?, ?, ?, ?, ?)",
+            [(tier, group_id, i, int(i == keeper), round(scores[i], 6)) for i in members],
+        )
+
+
+def keeper_order(width, height, fmt, taken_at, mtime, image_id: int) -> tuple:
+    """Sort key for the suggested keeper: the most pixels, then an original format, then
+    the oldest (taken first, else modified first), then the first added."""
+    return (
+        -((width or 0) * (height or 0)),
+        (fmt or "").upper() not in ORIGINAL_FORMATS,
+        taken_at is None,
+        taken_at or "",
+        mtime if mtime is not None else float("inf"),
+        image_id,
+    )
+
+
+# --- reading groups, with decisions applied --------------------------------------------
+
+_MEMBER_SQL = """
+select g.group_id, g.image_id, g.is_keeper, g.score, i.path, i.width, i.height, i.size,
+  i.format, i.taken_at, i.mtime, i.added_at,
+  (select d.decision from duplicate_decisions d where d.tier = g.tier and d.group_id = g.group_id
+     and d.image_id = g.image_id) as decision,
+  exists (select 1 from duplicate_decisions d where d.tier = g.tier and d.group_id = g.group_id
+     and d.image_id is null and d.decision = 'ignore') as ignored
+from duplicate_groups g join images i on i.id = g.image_id
+where g.tier = :tier and g.group_id in (select value from json_each(:groups))
+order by g.group_id, g.is_keeper desc, g.score desc, g.image_id
+"""
+
+
+def _check_tier(tier: str) -> str:
+    if tier not in TIERS:
+        raise DuplicatesError(f"tier must be one of {', '.join(TIERS)}, not {tier!r}")
+    return tier
+
+
+def group_ids(conn: sqlite3.Connection, tier: str, after: int = 0, limit: int = 50, ignored: bool = False) -> list[int]:
+    """Group ids of a tier in order, from after ``after``; ignored groups only if asked."""
+    return [
+        r[0]
+        for r in conn.execute(
+            "select distinct g.group_id from duplicate_groups g where g.tier = ? and g.group_id > ? "
+            "and (? or not exists (select 1 from duplicate_decisions d where d.tier = g.tier "
+            "and d.group_id = g.group_id and d.image_id is null and d.decision = 'ignore')) "
+            "order by g.group_id limit ?",
+            [_check_tier(tier), after, int(ignored), limit],
+        )
+    ]
+
+
+def groups(conn: sqlite3.Connection, tier: str, ids: list[int]) -> list[dict]:
+    """The groups with these ids, members keeper first, each with its role after the
+    decisions: ``keeper``, ``duplicate`` or ``not_duplicate`` (``ignored`` for all of
+    an ignored group). A member chosen with "keep" replaces the suggested keeper."""
+    by_group: dict[int, list[dict]] = {}
+    cursor = conn.execute(_MEMBER_SQL, {"tier": _check_tier(tier), "groups": json.dumps(ids)})
+    names = [d[0] for d in cursor.description]
+    for row in cursor:
+        member = dict(zip(names, row))
+        by_group.setdefault(member["group_id"], []).append(member)
+    result = []
+    for group_id in ids:
+        members = by_group.get(group_id)
+        if not members:
+            continue
+        chosen = [m for m in members if m["decision"] == "keep"]
+        keeper = chosen[0] if chosen else next(m for m in members if m["is_keeper"])
+        ignored = bool(members[0]["ignored"])
+        for m in members:
+            m["suggested_keeper"] = bool(m.pop("is_keeper"))
+            del m["ignored"]
+            if ignored:
+                m["role"] = "ignored"
+            elif m is keeper:
+                m["role"] = "keeper"
+            elif m["decision"] == "not_duplicate":
+                m["role"] = "not_duplicate"
+            else:
+                m["role"] = "duplicate"
+        members.sort(key=lambda m: (m is not keeper, -m["score"], m["image_id"]))
+        wasted = sum(m["size"] or 0 for m in members if m["role"] == "duplicate")
+        result.append(
+            {"group_id": group_id, "tier": tier, "ignored": ignored, "keeper_id": keeper["image_id"],
+             "wasted_bytes": wasted, "members": members}
+        )
+    return result
+
+
+def listing(conn: sqlite3.Connection, tier: str, chunk: int = 500) -> Iterator[dict]:
+    """Every member of every group of a tier, ignored groups included, group by group."""
+    after = 0
+    while True:
+        ids = group_ids(conn, tier, after, chunk, ignored=True)
+        if not ids:
+            return
+        for group in groups(conn, tier, ids):
+            yield from group["members"]
+        after = ids[-1]
+
+
+def summary(conn: sqlite3.Connection) -> dict[str, dict]:
+    """Per tier: groups, images in them, and bytes held by the non-keepers."""
+    result = {tier: {"groups": 0, "images": 0, "wasted_bytes": 0} for tier in TIERS}
+    for tier, n_groups, n_images, wasted in conn.execute(
+        "select g.tier, count(distinct g.group_id), count(*), "
+        "coalesce(sum(case when g.is_keeper then 0 else i.size end), 0) "
+        "from duplicate_groups g join images i on i.id = g.image_id group by g.tier"
+    ):
+        result[tier] = {"groups": n_groups, "images": n_images, "wasted_bytes": wasted}
+    return result
+
+
+# --- decisions -------------------------------------------------------------------------
+
+
+def decide(
+    conn: sqlite3.Connection, tier: str, group_id: int, image_id: int | None, decision: str, actor: str | None
+) -> None:
+    """Record a person's decision about a current group (``image_id`` None: the whole
+    group, for ``ignore``); ``clear`` withdraws a decision. Only one member of a group
+    can be the chosen keeper. Run inside a write transaction; nothing touches a file."""
+    _check_tier(tier)
+    if decision not in (*DECISIONS, "clear"):
+        raise DuplicatesError(f"decision must be one of {', '.join(DECISIONS)} or clear, not {decision!r}")
+    member = group_id if image_id is None else image_id
+    found = conn.execute(
+        "select 1 from duplicate_groups where tier = ? and group_id = ? and image_id = ?", [tier, group_id, member]
+    ).fetchone()
+    if found is None:
+        raise DuplicatesError(f"image {member} is not in {tier} group {group_id}")
+    if decision == "ignore" or (decision == "clear" and image_id is None):
+        conn.execute(
+            "delete from duplicate_decisions where tier = ? and group_id = ? and image_id is null", [tier, group_id]
+        )
+        image_id = None
+    else:
+        if image_id is None:
+            raise DuplicatesError(f"{decision} needs an image")
+        if decision == "keep":  # one chosen keeper per group
+            conn.execute(
+                "delete from duplicate_decisions where tier = ? and group_id = ? and decision = 'keep'",
+                [tier, group_id],
+            )
+        conn.execute(
+            "delete from duplicate_decisions where tier = ? and group_id = ? and image_id = ?",
+            [tier, group_id, image_id],
+        )
+    if decision != "clear":
+        conn.execute(
+            "insert into duplicate_decisions (tier, group_id, image_id, decision, actor, decided_at) "
+            "values (?, ?, ?, ?, ?, ?)",
+            [tier, group_id, image_id, decision, actor, now()],
+        )
