@@ -430,3 +430,55 @@ def index_command(db_path, trees):
     else:
         click.echo("No images to index.")
     click.echo(f"Matches: {update_matches(store)} lists updated")
+
+
+@cli.command()
+@db_option
+@click.option("--tier", type=click.Choice(["exact", "near", "similar"]), default="near", show_default=True,
+              help="exact: the same bytes; near: the same picture resized, re-encoded or lightly "
+              "edited; similar: look-alikes such as burst shots.")
+@click.option("--json", "as_json", is_flag=True, help="Output JSON: one object per image in a group.")
+@click.option("--csv", "as_csv", is_flag=True, help="Output CSV: one row per image in a group.")
+def duplicates(db_path, tier, as_json, as_csv):
+    """List duplicate groups with their suggested keeper, for review or scripts.
+
+    Each image in a group has a role: keeper (the suggested one, or the one a
+    reviewer chose to keep), duplicate, not_duplicate or ignored (decisions made
+    on the /-/duplicates page). Nothing is deleted or moved: for example
+    `--csv` and the rows whose role is duplicate give files to remove by hand.
+    Thresholds come from COLLECTION_NEAR_DUPLICATE and COLLECTION_SIMILAR.
+    """
+    import csv
+    import json
+    import sys
+
+    from . import duplicates as dups
+
+    if as_json and as_csv:
+        raise click.UsageError("choose one of --json and --csv")
+    store = open_store(db_path, create=False)
+    try:
+        dups.update(store)  # catch up with anything written since the last batch's upkeep
+    except dups.DuplicatesError as e:
+        raise click.ClickException(str(e)) from None
+    columns = ("tier", "group_id", "image_id", "role", "decision", "score", "path", "width", "height",
+               "size", "format", "taken_at")
+    members = ({**m, "tier": tier} for m in dups.listing(store.db.conn, tier))
+    if as_json:
+        click.echo(json.dumps([{c: m[c] for c in columns} for m in members], indent=2))
+    elif as_csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([m[c] for c in columns] for m in members)
+    else:
+        shown = 0
+        for m in members:
+            if m["group_id"] != shown:
+                shown = m["group_id"]
+                click.echo(f"{tier} group {shown}")
+            size = f"{m['width']}x{m['height']}"
+            click.echo(f"  {m['role']:<13} {m['image_id']:>7}  {size:>11}  {m['size'] or 0:>11,} B  "
+                       f"{m['score']:.3f}  {m['path']}")
+        total = dups.summary(store.db.conn)[tier]
+        click.echo(f"{total['groups']:,} {tier} groups, {total['images']:,} images, "
+                   f"{total['wasted_bytes']:,} bytes outside the suggested keepers", err=True)

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = "test-vectors"
 DIMENSIONS = 16
 NEAR, SIMILAR = 0.90, 0.60
+HOSTILE = "<img src=x onerror=alert(1)>.jpg"
 
 
 @pytest.fixture(autouse=True)
@@ -209,3 +210,243 @@ def test_thresholds_from_the_environment(vstore, monkeypatch):
     monkeypatch.setenv("COLLECTION_NEAR_DUPLICATE", "nonsense")
     with pytest.raises(duplicates.DuplicatesError, match="COLLECTION_NEAR_DUPLICATE"):
         duplicates.update(vstore)
+
+
+# --- a collection of real photos, for the review page, the CLI and the browser ----------
+
+
+def colour_layout(image) -> np.ndarray:
+    """A stand-in vector without a model (as in test_browser): the colour layout at 8x8."""
+    from PIL import Image
+
+    small = np.asarray(image.convert("RGB").resize((8, 8), Image.Resampling.BILINEAR), np.float32)
+    v = small.ravel() - small.mean()
+    return (v / np.linalg.norm(v)).astype("<f4")
+
+
+def build_photo_collection(folder: Path, db_path: Path) -> dict[str, int]:
+    """Sample photos with a half-size copy, a PNG re-encode and an exact copy each, plus a
+    file with a hostile name; real files and thumbnails, stand-in vectors; grouped."""
+    from PIL import Image
+
+    from collection import images
+    from conftest import sample_photos
+
+    folder.mkdir(exist_ok=True)
+    photos = sample_photos()
+    for name in ("chelsea", "coffee", "rocket"):
+        photo = Image.fromarray(photos[name]).convert("RGB")
+        photo.save(folder / f"{name}.jpg", quality=90)
+        photo.resize((photo.width // 2, photo.height // 2)).save(folder / f"{name}-half.jpg", quality=80)
+        photo.save(folder / f"{name}.png")
+        (folder / f"{name}-copy.jpg").write_bytes((folder / f"{name}.jpg").read_bytes())
+    Image.fromarray(photos["astronaut"]).save(folder / "astronaut.jpg")
+    (folder / HOSTILE).write_bytes((folder / "astronaut.jpg").read_bytes())
+    store = Store(db_path)
+    store.claim_model("colour-layout-8x8", 192, "fp32")
+    ids = {}
+    with store.db.atomic():
+        for path in sorted(folder.iterdir()):
+            decoded = images.decode(path)
+            ids[path.name] = store.save_image(
+                str(path), os.stat(path).st_mtime, decoded.metadata(), colour_layout(decoded.image),
+                [("n0", "thing", 0.5)], "colour-layout-8x8",
+                (images.thumbnail(decoded.image), decoded.width, decoded.height),
+            )
+    duplicates.update(store)
+    store.close()
+    return ids
+
+
+@pytest.fixture
+def photos(tmp_path):
+    db_path = tmp_path / "collection.db"
+    return db_path, build_photo_collection(tmp_path / "photos", db_path)
+
+
+def test_photo_collection_groups(photos):
+    db_path, ids = photos
+    store = Store(db_path)
+    exact = grouped(store, "exact")
+    near = grouped(store, "near")
+    store.close()
+    for name in ("chelsea", "coffee", "rocket"):
+        assert {ids[f"{name}.jpg"], ids[f"{name}-copy.jpg"]} in exact
+        assert {ids[f"{name}.jpg"], ids[f"{name}-copy.jpg"], ids[f"{name}-half.jpg"], ids[f"{name}.png"]} in near
+    assert {ids["astronaut.jpg"], ids[HOSTILE]} in exact
+    assert len(exact) == 4 and len(near) == 4
+
+
+@pytest.fixture
+def datasette(photos):
+    from collection.serve import open_datasette, find_metadata
+
+    db_path, ids = photos
+    ds = open_datasette(db_path, find_metadata())
+    return ds, ids
+
+
+def cookie_header(**cookies) -> dict:
+    return {"cookie": "; ".join(f"{k}={v}" for k, v in cookies.items())}
+
+
+@pytest.mark.asyncio
+async def test_review_page_and_json(datasette):
+    ds, ids = datasette
+    page = await ds.client.get("/-/duplicates")
+    assert page.status_code == 200
+    assert page.text.count('class="dup-group"') == 4  # near is the default tier
+    assert "&lt;img src=x onerror=alert(1)&gt;.jpg" in page.text
+    assert "dup-member dup-keeper" in page.text
+    assert "review-duplicates" in page.text  # says which permission records decisions
+    assert "<form" not in page.text.split("<h1>", 1)[1]  # no decision buttons for anonymous
+    data = (await ds.client.get("/-/duplicates.json?tier=exact")).json()
+    assert data["tier"] == "exact" and data["counts"] == {"exact": 4, "near": 4, "similar": data["counts"]["similar"]}
+    group = next(g for g in data["groups"] if ids["chelsea.jpg"] in [m["image_id"] for m in g["members"]])
+    assert [m["role"] for m in group["members"]] == ["keeper", "duplicate"]
+    assert group["keeper_id"] == ids["chelsea.jpg"]  # same pixels and format: the first added
+    assert group["wasted_bytes"] == os.path.getsize(group["members"][1]["path"])
+    assert (await ds.client.get("/-/duplicates?tier=everything")).status_code == 400
+    assert (await ds.client.get("/-/duplicates?after=1;drop")).status_code == 400
+
+
+@pytest.mark.asyncio
+async def test_decisions_need_the_permission(datasette, photos):
+    ds, ids = datasette
+    db_path, _ = photos
+    half = ids["chelsea-half.jpg"]
+    before = (await ds.client.get("/-/duplicates.json")).json()
+    chelsea = next(g for g in before["groups"] if half in [m["image_id"] for m in g["members"]])
+    group_id = chelsea["group_id"]
+    assert chelsea["keeper_id"] == ids["chelsea.jpg"]  # the most pixels, then JPEG over PNG
+    form = {"tier": "near", "group_id": str(group_id), "image_id": str(half), "decision": "keep"}
+
+    def decisions() -> list:
+        conn = __import__("sqlite3").connect(db_path)
+        try:
+            return conn.execute("select tier, group_id, image_id, decision, actor from duplicate_decisions").fetchall()
+        finally:
+            conn.close()
+
+    anonymous = await ds.client.post("/-/duplicates", data=form)
+    assert anonymous.status_code == 403
+    assert decisions() == []
+
+    actor = ds.sign({"a": {"id": "root"}}, "actor")
+    page = await ds.client.get("/-/duplicates", headers=cookie_header(ds_actor=actor))
+    token = page.cookies["ds_csrftoken"]
+    assert f'name="csrftoken" value="{token}"' in page.text
+    no_token = await ds.client.post("/-/duplicates", data=form, headers=cookie_header(ds_actor=actor))
+    assert no_token.status_code == 403  # Datasette's CSRF protection
+    assert decisions() == []
+
+    done = await ds.client.post(
+        "/-/duplicates", data={**form, "csrftoken": token}, headers=cookie_header(ds_actor=actor, ds_csrftoken=token)
+    )
+    assert done.status_code == 302
+    assert decisions() == [("near", group_id, half, "keep", "root")]
+    data = (await ds.client.get("/-/duplicates.json")).json()
+    chelsea = next(g for g in data["groups"] if g["group_id"] == group_id)
+    assert chelsea["keeper_id"] == half
+    assert os.path.exists(chelsea["members"][1]["path"])  # a decision never touches a file
+
+    bad = await ds.client.post(
+        "/-/duplicates", data={**form, "image_id": str(ids["coffee.jpg"]), "csrftoken": token},
+        headers=cookie_header(ds_actor=actor, ds_csrftoken=token),
+    )
+    assert bad.status_code == 302 and len(decisions()) == 1  # not in that group: refused with a message
+
+
+@pytest.mark.asyncio
+async def test_permission_granted_by_the_plugin_configuration(photos):
+    from collection.serve import open_datasette
+
+    db_path, ids = photos
+    ds = open_datasette(db_path)
+    ds._metadata_local = {"plugins": {"duplicates": {"allow": {"id": "alice"}}}}
+    assert await ds.permission_allowed({"id": "alice"}, "review-duplicates") is True
+    assert await ds.permission_allowed({"id": "bob"}, "review-duplicates") is False
+    assert await ds.permission_allowed(None, "review-duplicates") is False
+    assert await ds.permission_allowed({"id": "root"}, "review-duplicates") is True
+
+
+def test_cli_lists_groups_for_scripts(photos):
+    db_path, ids = photos
+    runner = CliRunner()
+    result = runner.invoke(cli, ["duplicates", "--db", str(db_path), "--tier", "exact", "--csv"])
+    assert result.exit_code == 0, result.output
+    listed = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert {r["role"] for r in listed} == {"keeper", "duplicate"}
+    assert sorted(Path(r["path"]).name for r in listed if r["role"] == "duplicate") == [
+        HOSTILE, "chelsea-copy.jpg", "coffee-copy.jpg", "rocket-copy.jpg"]  # written after astronaut.jpg
+    result = runner.invoke(cli, ["duplicates", "--db", str(db_path), "--json"])
+    assert result.exit_code == 0
+    near = json.loads(result.stdout)
+    assert len({m["group_id"] for m in near}) == 4 and all(m["tier"] == "near" for m in near)
+    result = runner.invoke(cli, ["duplicates", "--db", str(db_path)])
+    assert "near group" in result.stdout and "4 near groups" in result.stderr
+    result = runner.invoke(cli, ["duplicates", "--db", str(db_path), "--json", "--csv"])
+    assert result.exit_code != 0 and "one of --json and --csv" in result.output
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_review_page_in_chromium(photos, tmp_path):
+    """The page in a real browser: thumbnails decode, the keeper is marked, a signed-in
+    reviewer's "keep this one" goes through the form (with its CSRF token) and sticks."""
+    pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    from datasette.app import Datasette
+    from playwright.sync_api import sync_playwright
+
+    db_path, ids = photos
+    secret = "test-secret"
+    port = free_port()
+    log = open(tmp_path / "datasette.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "datasette", "serve", str(db_path), "--metadata", str(ROOT / "metadata.yml"),
+         "--plugins-dir", str(ROOT / "datasette_plugins"), "--host", "127.0.0.1", "--port", str(port),
+         "--secret", secret],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: process.poll() is not None or responds(f"{base}/-/versions.json"), timeout=60)
+        assert process.poll() is None, (tmp_path / "datasette.log").read_text()
+        actor = Datasette([], secret=secret).sign({"a": {"id": "root"}}, "actor")
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                dialogs = []
+                page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+                page.goto(f"{base}/-/duplicates?tier=near")
+                assert page.locator(".dup-group").count() == 4
+                assert page.locator(".dup-member form").count() == 0  # anonymous: no buttons
+                page.context.add_cookies([{"name": "ds_actor", "value": actor, "url": base}])
+                page.goto(f"{base}/-/duplicates?tier=near")
+                for img in page.locator(".dup-member img").all():
+                    img.scroll_into_view_if_needed()
+                page.wait_for_function("() => Array.from(document.images).every(i => i.complete)")
+                widths = page.eval_on_selector_all(".dup-member img", "imgs => imgs.map(i => i.naturalWidth)")
+                assert len(widths) == 14 and all(w > 0 for w in widths)
+                chelsea = page.locator(".dup-group", has=page.locator(f"[data-image-id='{ids['chelsea.jpg']}']"))
+                assert chelsea.locator(".dup-keeper").get_attribute("data-image-id") == str(ids["chelsea.jpg"])
+                half = chelsea.locator(f"[data-image-id='{ids['chelsea-half.jpg']}']")
+                half.get_by_role("button", name="keep this one").click()
+                page.wait_for_load_state()
+                assert "Recorded: keep this one" in page.locator(".message-info").inner_text()
+                chelsea = page.locator(".dup-group", has=page.locator(f"[data-image-id='{ids['chelsea.jpg']}']"))
+                assert chelsea.locator(".dup-keeper").get_attribute("data-image-id") == str(ids["chelsea-half.jpg"])
+                assert page.get_by_text(HOSTILE).count() == 1  # shown as text, never as markup
+                page.get_by_role("link", name="exact (4)").click()
+                assert page.locator(".dup-group").count() == 4
+                page.goto(f"{base}/-/duplicates?tier=near")
+                (ROOT / "screenshots").mkdir(exist_ok=True)
+                page.screenshot(path=str(ROOT / "screenshots" / "duplicates.png"), full_page=True)
+                assert dialogs == []  # the hostile file name ran no script
+            finally:
+                browser.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        log.close()
