@@ -168,6 +168,19 @@ def test_added_image_never_moves_others(vstore):
     assert {entry for entry in after if entry[2] in first} >= before
 
 
+def test_work_per_batch_is_the_batch(vstore):
+    """Adding to a collection re-decides the new images only, however large it is."""
+    rng = np.random.default_rng(3)
+    many = [put(vstore, f"{i}.jpg", unit(rng.normal(size=DIMENSIONS))) for i in range(300)]
+    assert duplicates.update(vstore, many) == 300  # the first pass: everything
+    batch = [put(vstore, "copy-of-7.jpg", vstore.vector(many[7])), put(vstore, "new.jpg", angled(10, plane=5))]
+    assert duplicates.update(vstore, batch) == 2
+    with vstore.db.atomic():
+        vstore.mark_deleted([many[7]])  # a representative goes: it, its members and their neighbours
+    members = {r["image_id"] for r in vstore.db["duplicate_groups"].rows_where("group_id = ?", [many[7]])}
+    assert 2 <= duplicates.update(vstore, [many[7]]) <= 2 * len(members) + 2 < 30
+
+
 def test_decisions_survive_regrouping(vstore):
     a = put(vstore, "a.jpg", angled(0), size=(100, 80))
     b = put(vstore, "b.jpg", angled(2), size=(200, 160))
@@ -450,3 +463,36 @@ def test_review_page_in_chromium(photos, tmp_path):
         process.terminate()
         process.wait(timeout=10)
         log.close()
+
+
+@pytest.mark.asyncio
+async def test_canned_queries(datasette):
+    ds, ids = datasette
+    wasted = (await ds.client.get("/collection/duplicate_wasted_bytes.json?tier=exact&_shape=array")).json()
+    assert len(wasted) == 4
+    sizes = {r["keeper_id"]: r["wasted_bytes"] for r in wasted}
+    assert sizes[ids["chelsea.jpg"]] == os.path.getsize(Path(ds.databases["collection"].path).parent / "photos" / "chelsea-copy.jpg")
+    by_size = (await ds.client.get("/collection/duplicate_groups_by_size.json?tier=near&_shape=array")).json()
+    assert [r["images"] for r in by_size] == [4, 4, 4, 2]
+
+
+def test_page_queries_use_indexes(photos):
+    db_path, _ = photos
+    store = Store(db_path)
+    conn = store.db.conn
+    plans = []
+    original = conn.execute
+
+    def explained(sql, params=()):
+        plans.append(" ".join(r[3] for r in original(f"explain query plan {sql}", params)))
+        return original(sql, params)
+
+    class Recording:  # the page's reads, with their plans
+        execute = staticmethod(explained)
+
+    ids = duplicates.group_ids(Recording, "near", 0, 20)
+    duplicates.groups(Recording, "near", ids)
+    store.close()
+    assert len(plans) == 2
+    for plan in plans:  # groups found through (tier, group_id), images by their id
+        assert "SEARCH g USING" in plan and "SCAN g" not in plan and "SCAN i" not in plan, plan
