@@ -70,7 +70,7 @@ ORIGINAL_FORMATS = {"JPEG", "MPO", "TIFF", "HEIF", "HEIC"}
 # The most neighbours within a threshold one image's search returns: past this, a group
 # of look-alikes so large that reviewing it pair by pair means nothing anyway.
 MAX_NEIGHBOURS = 1000
-_CACHED_VECTORS = 10_000  # memory bound of one pass: 50-80 MB of float32 vectors
+_CACHED_VECTORS = 5_000  # memory bound of one pass: 50-80 MB of float64 vectors
 _MARGIN = 1e-4  # the searcher scores in float32; ask it for a little below the threshold
 DECISIONS = ("keep", "not_duplicate", "ignore")
 
@@ -225,15 +225,17 @@ class _Grouper:
             self.chosen[tier][image_id] = None
             return old_members if was_representative else []
         threshold = self.config[tier]
-        within = [
-            (other, score)
-            for other, score in found
-            if score >= threshold and (tier != "near" or self._same_layout(image_id, other))
-        ]
-        candidates = [
-            (score, -other) for other, score in within if other < image_id and self._is_representative(tier, other)
-        ]
-        representative = -max(candidates)[1] if candidates else image_id
+        within = [(other, score) for other, score in found if score >= threshold]
+        # The best-scoring earlier representative that passes the tier's check; the
+        # layout is looked at only as far down that list as needed (it costs a decode).
+        candidates = sorted(
+            ((score, -other) for other, score in within if other < image_id and self._is_representative(tier, other)),
+            reverse=True,
+        )
+        representative = next(
+            (-negative for _, negative in candidates if tier != "near" or self._same_layout(image_id, -negative)),
+            image_id,
+        )
         self.chosen[tier][image_id] = representative
         self.touched[tier].add(representative)
         is_representative = representative == image_id
@@ -241,6 +243,8 @@ class _Grouper:
         if was_representative and (not is_representative or image_id in self.changed):
             again += old_members
         if is_representative and (not was_representative or image_id in self.changed):
+            # Near: some of these fail the layout check and will not move; re-deciding
+            # them costs less than checking every one here.
             again += [other for other, _ in within if other > image_id]
         return again
 
@@ -310,9 +314,8 @@ class _Grouper:
                 "where v.image_id = ? and i.deleted_at is null",
                 [image_id],
             ).fetchone()
-            self.live[image_id] = decode(row[0]) if row else None
-        vector = self.live[image_id]
-        return None if vector is None else vector.astype(np.float64)
+            self.live[image_id] = decode(row[0]).astype(np.float64) if row else None
+        return self.live[image_id]
 
     def _same_layout(self, a: int, b: int) -> bool:
         """The near tier's second look; a pair without both thumbnails has only the cosine."""
