@@ -353,3 +353,114 @@ def reembed(
         if progress:
             progress(len(rows))
     return done, skipped
+
+
+# --- what the Datasette plugin shows (datasette_plugins/labels_plugin.py) -------------
+
+TOP_IMAGES = "select ic.image_id, ic.score from image_categories ic join images i on i.id = ic.image_id " \
+    "where ic.wnid = ? and i.deleted_at is null order by ic.score desc, ic.image_id desc limit ? offset ?"
+
+
+def counts(conn: sqlite3.Connection) -> dict[str, int]:
+    """Live images under each category that has any."""
+    return dict(conn.execute("select wnid, images from categories where images > 0"))
+
+
+def top_images(conn: sqlite3.Connection, wnid: str, limit: int, offset: int = 0) -> list[dict]:
+    """A category's live images, highest score first (read from the (wnid, score) index)."""
+    rows = conn.execute(TOP_IMAGES, [wnid, limit, offset]).fetchall()
+    return [{"id": image_id, "score": round(score, 4)} for image_id, score in rows]
+
+
+def live_ids(conn: sqlite3.Connection, wnid: str) -> list[int]:
+    """Every live image in a category, in index order (for the map's highlight)."""
+    return [row[0] for row in conn.execute(
+        "select ic.image_id from image_categories ic join images i on i.id = ic.image_id "
+        "where ic.wnid = ? and i.deleted_at is null", [wnid]
+    )]
+
+
+def summary(category: Category, counted: dict[str, int]) -> dict:
+    h = hierarchy()
+    return {
+        "wnid": category.wnid,
+        "name": category.name,
+        "lemmas": list(category.lemmas),
+        "gloss": category.gloss,
+        "parents": list(category.parents),
+        "depth": h.depth[category.wnid],
+        "class_index": category.class_index,
+        "images": counted.get(category.wnid, 0),
+    }
+
+
+def tree(conn: sqlite3.Connection, thumbnails: int) -> dict:
+    """The categories that have images, nested from ``entity``, each with its count and
+    its best ``thumbnails`` image ids. A category with two parents is under both."""
+    h = hierarchy()
+    counted = counts(conn)
+    thumbs = {wnid: [r["id"] for r in top_images(conn, wnid, thumbnails)] for wnid in counted}
+
+    def node(wnid: str) -> dict:
+        kids = sorted(
+            (k for k in h.children[wnid] if k in counted), key=lambda k: (-counted[k], h.categories[k].name)
+        )
+        return {
+            **summary(h.categories[wnid], counted),
+            "thumbnails": thumbs[wnid],
+            "children": [node(k) for k in kids],
+        }
+
+    return node(ROOT) if ROOT in counted else {}
+
+
+def page(conn: sqlite3.Connection, wnid: str, limit: int, offset: int, thumbnails: int) -> dict:
+    """One category: where it sits (every path from entity), its children with counts
+    and thumbnails, and a page of its best images."""
+    h = hierarchy()
+    counted = counts(conn)
+    names = lambda path: [{"wnid": w, "name": h.categories[w].name} for w in path]  # noqa: E731
+    kids = sorted(h.children[wnid], key=lambda k: (-counted.get(k, 0), h.categories[k].name))
+    return {
+        **summary(h.categories[wnid], counted),
+        "paths": [names(path) for path in h.paths(wnid)],
+        "children": [
+            {**summary(h.categories[k], counted), "thumbnails": [r["id"] for r in top_images(conn, k, thumbnails)]}
+            for k in kids if counted.get(k)
+        ],
+        "empty_children": sum(1 for k in kids if not counted.get(k)),
+        "top": top_images(conn, wnid, limit, offset),
+        "limit": limit,
+        "offset": offset,
+    }
+
+
+def search_results(conn: sqlite3.Connection, query: str, limit: int, thumbnails: int) -> list[dict]:
+    """Categories matching a word (``Hierarchy.search``), those with images first."""
+    counted = counts(conn)
+    found = hierarchy().search(query)
+    found.sort(key=lambda f: counted.get(f[0].wnid, 0) == 0)  # stable: match order kept within each
+    return [
+        {
+            **summary(category, counted),
+            "matched": word,
+            "thumbnails": [r["id"] for r in top_images(conn, category.wnid, thumbnails)],
+        }
+        for category, word in found[:limit]
+    ]
+
+
+def facet_sql(inner_sql: str, column: str) -> str:
+    """Counts per category of the rows of ``inner_sql`` (a table view's query), joined
+    on their image id ``column``: one probe of image_categories' primary key per row."""
+    return (
+        f"select ic.wnid, count(*) as n from image_categories ic "
+        f"where ic.image_id in (select [{column}] from ({inner_sql})) group by ic.wnid"
+    )
+
+
+def filter_sql(column: str, params: list[str]) -> str:
+    """A where clause keeping rows whose image id ``column`` is in one of the categories
+    named by ``params`` (placeholders); read from the (wnid, score) index."""
+    named = ", ".join(f":{p}" for p in params)
+    return f"[{column}] in (select image_id from image_categories where wnid in ({named}))"
