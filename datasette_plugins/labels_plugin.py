@@ -78,7 +78,7 @@ async def _html(datasette, request, db, context: dict) -> Response:
             "labels.html",
             {
                 "database": db.name,
-                "urls": {
+                "links": {
                     "labels": datasette.urls.path("/-/labels"),
                     "thumbnail": datasette.urls.path("/-/thumbnail/"),
                     "similar": datasette.urls.path("/-/similar/"),
