@@ -450,13 +450,27 @@ def search_results(conn: sqlite3.Connection, query: str, limit: int, thumbnails:
     ]
 
 
+FACET_PARAM = "_category_wnids"  # a JSON array of the wnids a facet query counts
+
+
 def facet_sql(inner_sql: str, column: str) -> str:
-    """Counts per category of the rows of ``inner_sql`` (a table view's query), joined
-    on their image id ``column``: one probe of image_categories' primary key per row."""
+    """Images among the rows of ``inner_sql`` (a table view's query, its image id in
+    ``column``) in each category of :_category_wnids, read from the (wnid, score) index."""
     return (
-        f"select ic.wnid, count(*) as n from image_categories ic "
-        f"where ic.image_id in (select [{column}] from ({inner_sql})) group by ic.wnid"
+        f"select wnid, count(*) from image_categories "
+        f"where wnid in (select value from json_each(:{FACET_PARAM})) "
+        f"and image_id in (select [{column}] from ({inner_sql})) group by wnid"
     )
+
+
+# The unfiltered images table: the live counts kept by triggers, plus the deleted images
+# (their rows are in the table too), found from the deleted_at index. CROSS JOIN keeps
+# that order: the deleted images are few, a category's images may be most of them.
+ALL_IMAGES_FACET_SQL = (
+    "select c.wnid, c.images + (select count(*) from images i cross join image_categories ic "
+    "on ic.image_id = i.id where i.deleted_at is not null and ic.wnid = c.wnid) "
+    f"from categories c where c.wnid in (select value from json_each(:{FACET_PARAM}))"
+)
 
 
 def filter_sql(column: str, params: list[str]) -> str:

@@ -14,6 +14,7 @@ the filesystem.
 from __future__ import annotations
 
 import json
+import re
 
 from datasette import Response, hookimpl
 from datasette.facets import Facet
@@ -194,39 +195,44 @@ class CategoryFacet(Facet):
     async def facet_results(self):
         results, timed_out = [], []
         h = categories.hierarchy()
-        pairs = self.get_querystring_pairs()
-        chosen = [v for k, v in pairs if k == "_category"]
+        chosen = [v for k, v in self.get_querystring_pairs() if k == "_category"]
+        resolved = h.resolve(chosen[-1]) if chosen else []
         for source_and_config in self.get_configs():
             config = source_and_config["config"]
             column = config.get("column") or config["simple"]
+            # The whole images table: counts kept current by triggers, not a pass over it.
+            whole = self.table == "images" and re.search(r"\bfrom images\s*$", self.sql)
+            sql = categories.ALL_IMAGES_FACET_SQL if whole else categories.facet_sql(self.sql, column)
+            focus = resolved[0] if len(resolved) == 1 else categories.ROOT
+            wanted = [categories.ROOT, focus]  # every image with categories is under the root
+            counted: dict[str, int] = {}
             try:
-                rows = await self.ds.execute(
-                    self.database,
-                    categories.facet_sql(self.sql, column),
-                    self.params,
-                    truncate=False,
-                    custom_time_limit=self.ds.setting("facet_time_limit_ms"),
-                )
+                # Walk down while every row sits in one child: "entity > physical entity > object" says nothing.
+                while True:
+                    kids = h.children[focus]
+                    rows = await self.ds.execute(
+                        self.database,
+                        sql,
+                        {**(self.params or {}), categories.FACET_PARAM: json.dumps(wanted + kids)},
+                        truncate=False,
+                        custom_time_limit=self.ds.setting("facet_time_limit_ms"),
+                    )
+                    counted.update((row[0], row[1]) for row in rows.rows)
+                    kids = [k for k in kids if counted.get(k)]
+                    if len(kids) == 1 and counted[kids[0]] == counted.get(focus):
+                        focus, wanted = kids[0], []
+                    else:
+                        break
             except QueryInterrupted:
                 timed_out.append(column)
                 continue
-            counted = {row[0]: row[1] for row in rows.rows}
-            resolved = h.resolve(chosen[-1]) if chosen else []
-            focus = resolved[0] if len(resolved) == 1 else categories.ROOT
-            # Walk down while every row sits in one child: "entity > physical entity > object" says nothing.
-            while True:
-                kids = [k for k in h.children[focus] if counted.get(k)]
-                if len(kids) == 1 and counted[kids[0]] == counted.get(focus):
-                    focus = kids[0]
-                else:
-                    break
             kids.sort(key=lambda k: (-counted[k], h.categories[k].name))
             size = self.get_facet_size()
             values = [
-                {  # the category in force, first: clicking it removes the filter
+                {  # the categories in force, first: every image shown is in them; a click removes one
                     "value": value,
                     "label": ", ".join(h.categories[w].name for w in h.resolve(value)) or value,
-                    "count": sum(counted.get(w, 0) for w in h.resolve(value)),
+                    "count": counted.get(categories.ROOT, 0),
                     "toggle_url": self.ds.absolute_url(
                         self.request, path_with_removed_args(self.request, {"_category": value})
                     ),
