@@ -25,6 +25,7 @@ import sqlite3
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -335,7 +336,7 @@ def reembed(
         ids, pixels = [], []
         for image_id, path, sha256 in rows:
             try:
-                data = open(path, "rb").read()
+                data = Path(path).read_bytes()
                 if images.sha256_bytes(data) != sha256:
                     skipped += 1
                     continue
