@@ -51,11 +51,11 @@ class Category:
 
 
 class Hierarchy:
-    """The synsets on the ImageNet classes' hypernym paths, and the roll-up matrix."""
+    """The synsets on the ImageNet classes' hypernym paths, and how classes roll up."""
 
     def __init__(self, categories: Iterable[Category]):
         self.categories = {c.wnid: c for c in categories}
-        self.wnids = sorted(self.categories)  # the columns of ``rollup``
+        self.wnids = sorted(self.categories)  # the columns of ``scores``
         self.column = {wnid: i for i, wnid in enumerate(self.wnids)}
         self.classes = [""] * CLASSES
         self.children: dict[str, list[str]] = {wnid: [] for wnid in self.wnids}
@@ -69,11 +69,15 @@ class Hierarchy:
         self.depth: dict[str, int] = {}
         for wnid in self.wnids:
             self._depth(wnid)
-        # rollup[i, j] = 1 when class i is below category j (or is j): probs @ rollup
-        # gives every category's score in one product.
-        self.rollup = np.zeros((CLASSES, len(self.wnids)), np.float32)
-        for i, wnid in enumerate(self.classes):
-            self.rollup[i, [self.column[a] for a in self.ancestors(wnid)]] = 1.0
+        # Every (category, class below it) pair, grouped by category in column order:
+        # a category's score is the sum of its group, one gather and one reduceat for a
+        # whole batch (about 12,000 pairs; a dense 1000 x 1860 product measured 13 times slower).
+        pairs = sorted((self.column[a], i) for i, wnid in enumerate(self.classes) for a in self.ancestors(wnid))
+        self._sources = np.array([i for _, i in pairs])
+        columns = np.array([j for j, _ in pairs])
+        self._starts = np.flatnonzero(np.r_[True, columns[1:] != columns[:-1]])
+        if len(self._starts) != len(self.wnids):
+            raise ValueError("a category in the hierarchy has no ImageNet class below it")
         self._words = [(c, _words(c)) for c in self.categories.values()]
 
     def _depth(self, wnid: str) -> int:
@@ -106,13 +110,15 @@ class Hierarchy:
 
     def descendant_classes(self, wnid: str) -> list[str]:
         """The ImageNet classes at or below ``wnid``, in class order."""
-        column = self.rollup[:, self.column[wnid]]
-        return [self.classes[i] for i in np.flatnonzero(column)]
+        j = self.column[wnid]
+        end = self._starts[j + 1] if j + 1 < len(self._starts) else len(self._sources)
+        return [self.classes[i] for i in sorted(self._sources[self._starts[j]:end])]
 
     def scores(self, probs: np.ndarray) -> np.ndarray:
         """(n, 1000) class probabilities -> (n, categories) scores, columns as ``wnids``.
         The probabilities are first rounded to float16, as they are stored."""
-        return quantise(probs) @ self.rollup
+        gathered = quantise(np.atleast_2d(probs)).astype(np.float64)[:, self._sources]
+        return np.add.reduceat(gathered, self._starts, axis=1)
 
     def above(self, probs: np.ndarray, threshold: float) -> list[list[tuple[str, float]]]:
         """Per image, every (wnid, score) with score >= threshold, best first."""
