@@ -305,15 +305,16 @@ def recompute(
             progress(len(ids))
 
 
-def without_distribution(conn: sqlite3.Connection, after: int = -1, limit: int | None = None) -> list[tuple[int, str, str]]:
-    """Live images with a vector but no stored distribution: (id, path, sha256), by id."""
+def without_distribution(conn: sqlite3.Connection, after: int, limit: int) -> list[tuple[int, str, str]]:
+    """Up to ``limit`` live images after id ``after`` with a vector but no stored
+    distribution: (id, path, sha256), by id."""
     return conn.execute(
         "select images.id, images.path, images.sha256 from images "
         "join vectors on vectors.image_id = images.id "
         "where images.deleted_at is null and images.id > ? "
         "and not exists (select 1 from distributions d where d.image_id = images.id) "
         "order by images.id limit ?",
-        [after, -1 if limit is None else limit],
+        [after, limit],
     ).fetchall()
 
 
