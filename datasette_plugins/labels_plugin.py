@@ -103,8 +103,14 @@ async def labels_tree(datasette, request):
     )
     if request.url_vars.get("format"):
         return _json({"tree": tree, **({"q": query, "results": found} if query else {})})
+    # The best match's images, on the page itself: a word search shows pictures at once.
+    best = found[0] if found and found[0]["images"] else None
+    if best:
+        best["top"] = await db.execute_fn(lambda conn: categories.top_images(conn, best["wnid"], PAGE_SIZE))
     threshold = await db.execute_fn(categories.threshold)
-    return await _html(datasette, request, db, {"tree": tree, "q": query, "found": found, "threshold": threshold})
+    return await _html(
+        datasette, request, db, {"tree": tree, "q": query, "found": found, "best": best, "threshold": threshold}
+    )
 
 
 async def labels_search(datasette, request):

@@ -327,6 +327,7 @@ async def test_labels_pages_search_and_json(datasette_with_categories):
         assert found[0]["wnid"] == wnid and found[0]["images"] == 1
     html = await ds.client.get("/-/labels", params={"q": "car"})
     assert f'href="/-/labels/{CAR}"' in html.text
+    assert f'src="/-/thumbnail/{ids["car"]}.jpg"' in html.text.split("Images of car")[1]  # its images, shown
     hostile = await ds.client.get("/-/labels", params={"q": "<script>alert(1)</script>"})
     assert hostile.status_code == 200 and "<script>alert(1)" not in hostile.text
     assert (await ds.client.get("/-/labels/n99999999")).status_code == 404
