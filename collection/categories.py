@@ -20,6 +20,7 @@ imports TensorFlow: the Datasette plugin uses this module.
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 from dataclasses import dataclass
@@ -253,10 +254,24 @@ def save(conn: sqlite3.Connection, image_ids: list[int], probs: np.ndarray, at: 
 
 
 def _replace(conn: sqlite3.Connection, image_ids: list[int], rows: list[list[tuple[str, float]]]) -> None:
-    conn.executemany("delete from image_categories where image_id = ?", [(i,) for i in image_ids])
+    """Make the images' rows these, writing only what differs: a recompute at the same
+    threshold writes nothing, and each row written costs a count trigger."""
+    old = {
+        (image_id, wnid): score
+        for image_id, wnid, score in conn.execute(
+            "select image_id, wnid, score from image_categories "
+            "where image_id in (select value from json_each(?))",
+            [json.dumps(image_ids)],
+        )
+    }
+    new = {(image_id, wnid): score for image_id, found in zip(image_ids, rows) for wnid, score in found}
     conn.executemany(
-        "insert into image_categories (image_id, wnid, score) values (?, ?, ?)",
-        [(image_id, wnid, score) for image_id, found in zip(image_ids, rows) for wnid, score in found],
+        "delete from image_categories where image_id = ? and wnid = ?", [key for key in old if key not in new]
+    )
+    conn.executemany(
+        "insert into image_categories (image_id, wnid, score) values (?, ?, ?) "
+        "on conflict (image_id, wnid) do update set score = excluded.score",
+        [(*key, score) for key, score in new.items() if old.get(key) != score],
     )
 
 

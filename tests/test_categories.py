@@ -247,6 +247,10 @@ def test_collection_made_before_the_migration_upgrades_and_answers(tmp_path, sma
     assert expected <= set(stored(store.db.conn, ids["chelsea"]))
     assert_counts_current(store)
 
+    # the same threshold again: recomputed, and nothing differs, so nothing is written
+    changes = store.db.conn.total_changes
+    assert categories.recompute(store.db, categories.DEFAULT_THRESHOLD) == 3
+    assert store.db.conn.total_changes == changes
     # a new threshold recomputes from the stored distributions, without the model
     before = store.db.execute("select count(*) from image_categories").fetchone()[0]
     store.close()
