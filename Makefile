@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8001
 CHROMIUM := /usr/bin/chromium
+WORDNET := /usr/share/wordnet/data.noun
 
 .PHONY: install run test bench clean
 
@@ -30,7 +31,16 @@ $(CHROMIUM):
 		echo "note: install Debian's chromium (sudo apt-get install chromium) to run the browser tests"; \
 	fi
 
-test: install $(CHROMIUM)
+# The test that checks the shipped WordNet hierarchy against WordNet 3.0 needs Debian's wordnet-base.
+$(WORDNET):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base >/dev/null) \
+		|| echo "warning: could not install wordnet-base; the hierarchy check will be skipped"; \
+	else \
+		echo "note: install Debian's wordnet-base (sudo apt-get install wordnet-base) to check the WordNet hierarchy"; \
+	fi
+
+test: install $(CHROMIUM) $(WORDNET)
 	$(BIN)/python -m pytest
 
 clean:

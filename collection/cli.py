@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -482,3 +483,94 @@ def duplicates(db_path, tier, as_json, as_csv):
         total = dups.summary(store.db.conn)[tier]
         click.echo(f"{total['groups']:,} {tier} groups, {total['images']:,} images, "
                    f"{total['wasted_bytes']:,} bytes outside the suggested keepers", err=True)
+@cli.group(name="categories")
+def categories_group():
+    """Labels at every level: the WordNet categories above the ImageNet classes.
+
+    A category's score is the sum of its classes' probabilities ("dog" sums every
+    breed); each image keeps every category scoring at least the threshold.
+    """
+
+
+@categories_group.command(name="recompute")
+@db_option
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True),
+              help="Keep categories scoring at least this from now on [default: the collection's, else 0.2].")
+@click.option("--embed/--no-embed", default=True, show_default=True,
+              help="Run the model over images stored without a distribution (added before categories existed).")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None,
+              help="A local weights file for the model (env COLLECTION_WEIGHTS).")
+def categories_recompute(db_path, threshold, embed, weights):
+    """Recompute every image's categories from its stored class probabilities.
+
+    Images added before categories existed have none stored: they are run through
+    the collection's model again (a batch per transaction, so the watcher and the
+    server carry on meanwhile), unless --no-embed.
+    """
+    from . import categories
+    from .models import AUTO
+
+    store = open_store(db_path, create=False)
+    if threshold is not None:
+        store.set_meta(categories.THRESHOLD_KEY, threshold)
+    at = store.category_threshold
+    stored = store.db.execute("select count(*) from distributions").fetchone()[0]
+    with _progress(stored, "Recomputing") as update:
+        done = categories.recompute(store.db, at, progress=update)
+    click.echo(f"Recomputed the categories of {done} images at threshold {at:g}")
+    missing = categories.count_without_distribution(store.db.conn)
+    if not missing:
+        return
+    if not embed:
+        click.echo(f"{missing} images have no stored class probabilities: run this without --no-embed "
+                   "to run the model over them")
+        return
+    model = load_model(store, AUTO, weights or os.environ.get("COLLECTION_WEIGHTS"),
+                       store.get_meta("precision") or "fp32")
+    click.echo(f"{missing} images have no stored class probabilities: running {model.model_id} over them", err=True)
+    with _progress(missing, "Embedding") as update:
+        done, skipped = categories.reembed(store.db, model, at, progress=update)
+    click.echo(f"Embedded {done} images again; {skipped} skipped (file gone or changed since added)")
+
+
+@categories_group.command(name="show")
+@click.argument("image")
+@db_option
+def categories_show(image, db_path):
+    """The stored categories of an image, by id or path, most general first."""
+    from .categories import hierarchy
+
+    store = open_store(db_path, create=False)
+    row = store.by_id(int(image)) if image.isdigit() else store.by_path(os.path.abspath(image))
+    if row is None:
+        raise click.ClickException(f"no image {image!r} in {db_path}")
+    h = hierarchy()
+    found = store.db.execute("select wnid, score from image_categories where image_id = ?", [row["id"]]).fetchall()
+    click.echo(f"{row['id']}  {row['path']}")
+    for wnid, score in sorted(found, key=lambda f: (-round(f[1], 3), h.depth[f[0]])):
+        click.echo(f"  {score:.3f}  {'  ' * h.depth[wnid]}{h.categories[wnid].name}  ({wnid})")
+    if not found:
+        click.echo("  (none stored: see `collection categories recompute`)")
+
+
+@categories_group.command(name="search")
+@click.argument("words")
+@db_option
+def categories_search(words, db_path):
+    """Categories WordNet knows by WORDS (any synonym: "canine", "automobile"), with image counts."""
+    from .categories import hierarchy
+
+    store = open_store(db_path, create=False)
+    for category, word in hierarchy().search(words)[:20]:
+        count = store.db.execute("select images from categories where wnid = ?", [category.wnid]).fetchone()[0]
+        click.echo(f"{count:>7}  {category.name}  ({category.wnid}; {'; '.join(category.lemmas)})")
+
+
+@contextmanager
+def _progress(total: int, label: str):
+    """A progress bar on stderr for long work, else a no-op; yields its update function."""
+    if total < PROGRESS_FROM:
+        yield lambda n: None
+        return
+    with click.progressbar(length=total, label=label, show_pos=True, file=click.get_text_stream("stderr")) as bar:
+        yield bar.update

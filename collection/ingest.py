@@ -273,6 +273,7 @@ class Ingester:
                     labels[i],
                     self.model.model_id,
                     read.thumbnail,
+                    probabilities=probs[i],
                 )
                 store.clear_failure(read.path)
                 self.known.add(read.sha256)

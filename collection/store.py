@@ -12,6 +12,8 @@ import numpy as np
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
+from . import categories
+
 DEFAULT_DB = "collection.db"
 
 migrations = Migrations("collection")
@@ -160,6 +162,54 @@ def m006_projection(db: sqlite_utils.Database) -> None:
 
 
 @migrations()
+def m010_categories(db: sqlite_utils.Database) -> None:
+    """Labels at every level (collection/categories.py): the WordNet categories above
+    the ImageNet classes, each image's categories with their scores, and the full
+    1,000-way distribution they are computed from.
+
+    ``categories.images`` counts the live images under each category; the triggers
+    keep it current whoever writes, one primary-key update per row changed. Rows of
+    an image are removed before the image itself (no foreign keys, so a writer that
+    does not know these tables can still delete images).
+    """
+    db.execute(
+        "create table categories (wnid text primary key, name text not null, parent_wnid text, "
+        "depth integer not null, images integer not null default 0, class_index integer, "
+        "lemmas text, gloss text)"
+    )
+    db.execute("create index categories_parent_wnid on categories (parent_wnid)")
+    db.execute(
+        "create table category_parents (wnid text not null, parent_wnid text not null, "
+        "primary key (wnid, parent_wnid)) without rowid"
+    )
+    db.execute("create index category_parents_parent_wnid on category_parents (parent_wnid)")
+    # Without rowid: the primary key is the table, so per-image reads and deletes are one seek.
+    db.execute(
+        "create table image_categories (image_id integer not null, wnid text not null, "
+        "score real not null, primary key (image_id, wnid)) without rowid"
+    )
+    # Filters, counts and "best images of a category" read this index alone (it holds image_id too).
+    db.execute("create index image_categories_wnid_score on image_categories (wnid, score)")
+    db.execute("create table distributions (image_id integer primary key, probs blob not null)")
+    live = "exists (select 1 from images where id = {}.image_id and deleted_at is null)"
+    for trigger in (  # one statement each: executescript would commit the migration half-done
+        f"image_categories_count_insert after insert on image_categories when {live.format('new')} "
+        f"begin update categories set images = images + 1 where wnid = new.wnid; end",
+        f"image_categories_count_delete after delete on image_categories when {live.format('old')} "
+        f"begin update categories set images = images - 1 where wnid = old.wnid; end",
+        "image_categories_count_deleted_at after update of deleted_at on images "
+        "when (old.deleted_at is null) <> (new.deleted_at is null) begin "
+        "update categories set images = images + (case when new.deleted_at is null then 1 else -1 end) "
+        "where wnid in (select wnid from image_categories where image_id = new.id); end",
+        "image_categories_image_delete before delete on images begin "
+        "delete from image_categories where image_id = old.id; "
+        "delete from distributions where image_id = old.id; end",
+    ):
+        db.execute(f"create trigger {trigger}")
+    categories.fill_categories(db.conn)
+
+
+@migrations()
 def m011_duplicates(db: sqlite_utils.Database) -> None:
     """Duplicate groups in three tiers (collection/duplicates.py), a person's decisions
     about them, and a log of the changes that can move an image between groups.
@@ -202,6 +252,7 @@ def m011_duplicates(db: sqlite_utils.Database) -> None:
         f"duplicate_changes_vector_delete after delete on vectors begin {log} (old.image_id); end",
     ):
         db.execute(f"create trigger {trigger}")
+
 
 # The columns of ``images`` that come from the file itself (images.Decoded.metadata()).
 _METADATA = ("sha256", "size", "width", "height", "format", "taken_at", "camera", "latitude", "longitude")
@@ -254,6 +305,11 @@ class Store:
     @property
     def model(self) -> str | None:
         return self.get_meta("model")
+
+    @property
+    def category_threshold(self) -> float:
+        """Categories scoring at least this are stored per image (``collection categories``)."""
+        return categories.threshold(self.db.conn)
 
     def claim_model(self, model_id: str, dimensions: int, precision: str) -> None:
         """Record the database's model, or refuse a different one: vectors never mix."""
@@ -321,8 +377,10 @@ class Store:
         labels: list[tuple[str, str, float]],
         model_id: str,
         thumbnail: tuple[bytes, int, int] | None = None,
+        probabilities: np.ndarray | None = None,
     ) -> int:
-        """Insert or update the image at ``path`` (keeping its id) with its vector and labels.
+        """Insert or update the image at ``path`` (keeping its id) with its vector and labels,
+        and, given the model's 1,000 class probabilities, its categories (categories.py).
 
         Plain SQL rather than sqlite-utils' insert/upsert: this runs once per image
         on the ingest path, where table introspection would cost more than the writes.
@@ -363,6 +421,10 @@ class Store:
         )
         if thumbnail:
             self.save_thumbnail(image_id, *thumbnail)
+        if probabilities is None:
+            categories.clear(self.db.conn, image_id)
+        else:
+            categories.save(self.db.conn, [image_id], probabilities[None], self.category_threshold)
         return image_id
 
     def save_thumbnail(self, image_id: int, jpeg: bytes, width: int, height: int) -> None:
@@ -388,9 +450,11 @@ class Store:
         thumb = self.db.execute(
             "select jpeg, width, height from thumbnails where image_id = ?", [source_id]
         ).fetchone()
-        return self.save_image(
+        image_id = self.save_image(
             path, mtime, metadata, self.vector(source_id), labels, source["model"], thumb
         )
+        categories.copy(self.db.conn, source_id, image_id)
+        return image_id
 
     def touch(self, image_id: int, mtime: float) -> None:
         """Same path, same content, new mtime (e.g. `touch`, a copy that kept the bytes)."""
