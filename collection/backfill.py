@@ -233,6 +233,8 @@ def run(
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if shards.image_files(out) and shards.model_of(out) != spec.info():
+        raise EngineError(f"the shards in {out} come from {shards.model_of(out).model_id}: use that model, or another --out")
     shards.remove_temporary(out)
     files = listing(source)
     todo = shards.without(files, shards.done(out))
@@ -281,7 +283,7 @@ def _pipeline(todo, out, spec, batch_size, actors, shard_rows, embedder, echo) -
             fn_constructor_kwargs={"spec": spec},
             batch_size=batch_size or model.batch_size,
             batch_format="pyarrow",
-            concurrency=actors,
+            compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=1,
             num_gpus=1 if gpus else None,
             # A dead actor is restarted and its batch retried (Ray Data's defaults, made

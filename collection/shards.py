@@ -130,6 +130,11 @@ def failure_files(folder: str | Path) -> list[Path]:
     return sorted(Path(folder).glob(f"{FAILURES}*{SUFFIX}"))
 
 
+def count_rows(folder: str | Path) -> int:
+    """Rows in every shard in ``folder``, from the Parquet footers alone."""
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in (*image_files(folder), *failure_files(folder)))
+
+
 def remove_temporary(folder: str | Path) -> int:
     """Delete what killed writers left behind; only while no backfill writes here."""
     stale = list(Path(folder).glob(f"{TEMPORARY}*"))
