@@ -109,6 +109,23 @@ def decode_seconds_per_image(files: list[Path], model: str) -> float:
     return (time.process_time() - started) / len(files)
 
 
+def model_seconds_per_image(files: list[Path], model_name: str) -> float:
+    """CPU seconds (all threads) the model spends per image at its batch size: with the
+    decoding cost, what a CPU node's throughput is computed from on a shared machine,
+    where wall-clock rates depend on the neighbours."""
+    sys.path.insert(0, str(ROOT))
+    from collection import images
+    from collection.models import get_model
+
+    model = get_model(model_name).load()
+    pixels = [model.prepare(images.decode(p, min_side=model.min_side).image) for p in files]
+    model.embed_batch(pixels[: model.batch_size])  # warm-up: traces the graph
+    started = time.process_time()
+    for i in range(0, len(pixels), model.batch_size):
+        model.embed_batch(pixels[i : i + model.batch_size])
+    return (time.process_time() - started) / len(pixels)
+
+
 def cpu_flags() -> str:
     flags = set(re.findall(r"\b(avx512[a-z_0-9]*|avx2|amx[a-z_]*)\b", Path("/proc/cpuinfo").read_text()))
     return " ".join(sorted(flags)) or "(none of avx2/avx512/amx)"
@@ -129,60 +146,44 @@ def import_writes_per_second(shards_folder: Path, db: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=500)
-    parser.add_argument("--small", type=int, default=100, help="A second, smaller run: the difference is the marginal rate.")
     parser.add_argument("--model", default="efficientnet_lite0")
     parser.add_argument("--photos", type=Path, default=SEEDS, help="Real photos to copy [default: %(default)s].")
     args = parser.parse_args()
     corpus = build_corpus(args.count, args.photos)
     files = sorted(corpus.iterdir())
-    small = CACHE / f"backfill-{args.count}-first-{args.small}"
-    if not small.is_dir():
-        small.mkdir(parents=True)
-        for f in files[: args.small]:
-            shutil.copy2(f, small / f.name)
-    runs: dict[str, dict[int, tuple[float, float, str]]] = {"add": {}, "backfill": {}, "import": {}}
     work = Path(tempfile.mkdtemp(prefix="bench-backfill-"))
     try:
-        for n, folder in ((args.small, small), (args.count, corpus)):
-            here = work / str(n)
-            here.mkdir()
-            runs["add"][n] = timed(["add", str(folder), "--db", str(here / "add.db"), "--model", args.model])
-            runs["backfill"][n] = timed(["backfill", str(folder), "--out", str(here / "shards"), "--model", args.model])
-            runs["import"][n] = timed(["import", str(here / "shards"), "--db", str(here / "import.db")])
-        here = work / str(args.count)
-        shard_bytes = sum(p.stat().st_size for p in (here / "shards").iterdir())
-        db_bytes = sum(p.stat().st_size for p in here.glob("import.db*"))
-        writes = import_writes_per_second(here / "shards", work / "writes.db")
+        add = timed(["add", str(corpus), "--db", str(work / "add.db"), "--model", args.model])
+        backfill = timed(["backfill", str(corpus), "--out", str(work / "shards"), "--model", args.model])
+        imported = timed(["import", str(work / "shards"), "--db", str(work / "import.db")])
+        shard_bytes = sum(p.stat().st_size for p in (work / "shards").iterdir())
+        db_bytes = sum(p.stat().st_size for p in work.glob("import.db*"))
+        writes = import_writes_per_second(work / "shards", work / "writes.db")
         decode = decode_seconds_per_image(files[:50], args.model)
+        model = model_seconds_per_image(files[:64], args.model)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    n, m = args.count, args.small
-    print(f"{n} photos ({args.model}, fp32), {os.cpu_count()} cores; CPU flags: {cpu_flags()}")
+    n = args.count
+    load = os.getloadavg()[0]
+    print(f"{n} photos ({args.model}, fp32), {os.cpu_count()} cores, load average {load:.1f}; CPU flags: {cpu_flags()}")
     print()
-    print(f"| {'run':<26} | {f'{m} s':>7} | {f'{n} s':>7} | {f'{n} images/s':>14} | {'marginal images/s':>17} | {'peak RSS MB':>11} |")
-    print(f"| {'-' * 26} | {'-' * 6}: | {'-' * 6}: | {'-' * 13}: | {'-' * 16}: | {'-' * 10}: |")
-    both = {k: (runs["backfill"][k][0] + runs["import"][k][0], max(runs["backfill"][k][1], runs["import"][k][1])) for k in (m, n)}
-    table = [
-        ("collection add", {k: runs["add"][k][:2] for k in (m, n)}),
-        ("collection backfill (Ray)", {k: runs["backfill"][k][:2] for k in (m, n)}),
-        ("collection import", {k: runs["import"][k][:2] for k in (m, n)}),
-        ("backfill + import", both),
+    print(f"| {'run':<26} | {'seconds':>8} | {'images/s':>8} | {'peak RSS MB':>11} |")
+    print(f"| {'-' * 26} | {'-' * 7}: | {'-' * 7}: | {'-' * 10}: |")
+    rows = [
+        ("collection add", add[0], add[1]),
+        ("collection backfill (Ray)", backfill[0], backfill[1]),
+        ("collection import", imported[0], imported[1]),
+        ("backfill + import", backfill[0] + imported[0], max(backfill[1], imported[1])),
     ]
-    marginal = {}
-    for name, timing in table:
-        marginal[name] = (n - m) / (timing[n][0] - timing[m][0])
-        print(
-            f"| {name:<26} | {timing[m][0]:>7.1f} | {timing[n][0]:>7.1f} | {n / timing[n][0]:>14.1f} "
-            f"| {marginal[name]:>17.1f} | {timing[n][1]:>11.0f} |"
-        )
+    for name, seconds, rss in rows:
+        print(f"| {name:<26} | {seconds:>8.1f} | {n / seconds:>8.1f} | {rss:>11.0f} |")
     print()
-    add, total = table[0][1][n][0], both[n][0]
-    print(f"engine overhead at {n} (backfill + import vs add, wall): {total / add - 1:+.0%}; "
-          f"marginal (per image, start-up excluded): {marginal['collection add'] / marginal['backfill + import'] - 1:+.0%}")
-    print(f"import writes alone: {writes:.0f} rows/s; the whole import command at {n}: {n / runs['import'][n][0]:.0f} rows/s")
-    print(f"backfill summary at {n}: {runs['backfill'][n][2].strip()}")
-    print(f"decode, hash, fit, thumbnail: {decode * 1000:.1f} ms of one core per image")
+    print(f"engine overhead (backfill + import vs add, wall, start-up included): {rows[3][1] / add[0] - 1:+.0%}")
+    print(f"backfill's own summary: {backfill[2].strip()}")
+    print(f"import: {n / imported[0]:.0f} rows/s for the whole command; {writes:.0f} rows/s for its writes alone")
+    print(f"CPU time per image: {decode * 1000:.1f} ms to read, hash, decode, fit and thumbnail; "
+          f"{model * 1000:.1f} ms in the model (all threads, batch of the model's size)")
     print(f"shards: {shard_bytes / n / 1024:.1f} KiB per image; database: {db_bytes / n / 1024:.1f} KiB per image")
 
 

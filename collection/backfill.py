@@ -96,8 +96,8 @@ class BackfillSummary:
 
 def listing(source: str | Path) -> pa.Table:
     """Image files under ``source`` (all subfolders, as ``collection add -r`` sees them)
-    with their size and mtime, sorted by path. Held as Arrow, built in slices: about
-    150 bytes a file, so 10 million files fit in the driver's memory."""
+    with their size and mtime. Held as Arrow, built in slices: a file costs its path's
+    bytes and 16 more, so 10 million files fit in the driver's memory."""
     return file_table(_states(iter_files([source], recursive=True)))
 
 
@@ -219,7 +219,6 @@ def run(
     spec: ModelSpec,
     done: pa.Table | None = None,
     address: str | None = None,
-    num_cpus: int | None = None,
     batch_size: int | None = None,
     actors: int | None = None,
     shard_rows: int = SHARD_ROWS,
@@ -229,9 +228,9 @@ def run(
     """Embed every image file under ``source`` that is not in the shards in ``out``
     nor in ``done`` (path, size, mtime) into new shards in ``out``.
 
-    Connects to the Ray cluster at ``address``, or to the one this process is already
-    connected to, or starts a local one with ``num_cpus`` (default: every core) and
-    stops it afterwards. ``out`` must be reachable at the same path from every node."""
+    Connects to the Ray cluster at ``address`` (or ``RAY_ADDRESS``), or to the one this
+    process is already connected to, or starts a local one on every core and stops it
+    afterwards. ``out`` must be reachable at the same path from every node."""
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -247,7 +246,7 @@ def run(
         own_ray = not ray.is_initialized()
         if own_ray:
             try:
-                ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False)
+                ray.init(address=address, include_dashboard=False)
             except ConnectionError as e:
                 raise EngineError(f"cannot connect to the Ray cluster at {address}: {e}") from None
         try:

@@ -39,7 +39,9 @@ FAILURES = "failures-"
 SUFFIX = ".parquet"
 TEMPORARY = ".tmp-"
 MODEL_KEY = b"collection.model"
-IMPORT_CHUNK = 500  # rows per transaction on import (bench/backfill.py)
+# Rows per transaction on import: enough to spread each commit's sync over many rows,
+# few enough that the upkeep after each (matches for the new ids) stays short.
+IMPORT_CHUNK = 500
 
 # What identifies one file's state: a rerun skips a file whose key is already done.
 KEY_FIELDS = [
