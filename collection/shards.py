@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -182,11 +182,6 @@ class ImportSummary:
     unchanged: int = 0  # already in the collection as imported (or a newer version is)
     failed: int = 0  # failures recorded
     shards: int = 0
-    ids: list[int] = field(default_factory=list)
-
-    @property
-    def rows(self) -> int:
-        return self.added + self.updated + self.unchanged + self.failed
 
     def line(self) -> str:
         return (
@@ -256,7 +251,6 @@ def _import_images(store: Store, batch: pa.RecordBatch, model: ModelInfo, summar
                 summary.updated += 1
             else:
                 summary.added += 1
-    summary.ids.extend(ids)
     return ids
 
 

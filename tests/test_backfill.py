@@ -8,8 +8,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -21,6 +19,7 @@ from conftest import make_image
 if importlib.util.find_spec("ray") is None and not os.environ.get("CI"):
     pytest.skip("Ray is not installed: pip install -e '.[ray]'", allow_module_level=True)
 
+import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 
 from collection import backfill, shards  # noqa: E402
