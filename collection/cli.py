@@ -574,3 +574,93 @@ def _progress(total: int, label: str):
         return
     with click.progressbar(length=total, label=label, show_pos=True, file=click.get_text_stream("stderr")) as bar:
         yield bar.update
+def _require(module: str, engine: str) -> None:
+    """A clear line, not a traceback, when an optional dependency is absent."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise click.ClickException(f"{engine} needs {module}, which is not installed here: pip install 'collection[ray]'")
+
+
+@cli.command()
+@click.argument("source", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for the Parquet shards: on storage every Ray node reaches at the same path.")
+@click.option("--engine", type=click.Choice(["ray"]), default="ray", show_default=True,
+              help="The distributed engine that runs the pipeline.")
+@click.option("--address", default=None, metavar="ADDRESS",
+              help="The Ray cluster to run on (e.g. auto, or ray://head:10001; env RAY_ADDRESS). "
+              "Without it, a local Ray on this machine's cores.")
+@db_option
+@model_options
+@click.option("--batch-size", type=click.IntRange(1, 1024), help="Images per model call [default: the model's, 16].")
+@click.option("--actors", type=click.IntRange(1), default=None,
+              help="Model actors [default: one per GPU; on a cluster without GPUs, one per node].")
+@click.option("--shard-rows", type=click.IntRange(1), default=None,
+              help="Files per shard [default: 1000].")
+def backfill(source, out, engine, address, db_path, model_name, weights, precision, batch_size, actors, shard_rows):
+    """Embed every image under SOURCE on a Ray cluster, into Parquet shards in --out.
+
+    Decoding runs as tasks on every CPU of the cluster and the model in one actor per
+    GPU (or per node), with the same model code and weights as `collection add`.
+    Files already in the shards, or in the collection --db (when it exists), are
+    skipped: run it again after an interruption. Then merge the shards with
+    `collection import`.
+    """
+    _require("ray", "collection backfill")
+    from .backfill import SHARD_ROWS, EngineError, ModelSpec, file_table, run
+    from .models import ModelError, choose
+
+    store = open_store(db_path) if Path(db_path).exists() else None
+    try:
+        model = choose(model_name, store and store.model, weights, precision, echo=lambda m: click.echo(m, err=True))
+        if store and store.model:
+            store.claim_model(model.model_id, model.dimensions, model.precision)
+    except (ModelError, StoreError) as e:
+        raise click.ClickException(str(e)) from None
+    if model.weights_available() is None:
+        raise click.ClickException(f"the weights of {model.model_id} are not here: see `collection models`")
+    try:
+        summary = run(
+            source,
+            out,
+            ModelSpec.of(model),
+            done=file_table(store.file_states()) if store else None,
+            address=address,
+            batch_size=batch_size,
+            actors=actors,
+            shard_rows=shard_rows or SHARD_ROWS,
+            echo=lambda m: click.echo(m, err=True),
+        )
+    except EngineError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(summary.line())
+    if summary.embedded or summary.failed:
+        click.echo(f"Merge them with: collection import {out} --db {db_path}", err=True)
+
+
+@cli.command(name="import")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@db_option
+def import_(folder, db_path):
+    """Merge the shards a `collection backfill` wrote to FOLDER into the collection.
+
+    Rows go through the same writes as `collection add`, with the same model checks;
+    an image keeps its id, and importing the same shards again changes nothing.
+    The similar-images index, matches and map catch up as after a large add.
+    """
+    _require("pyarrow", "collection import")
+    from .shards import count_rows, import_shards
+    from .upkeep import Upkeep
+
+    store = open_store(db_path)
+    upkeep = Upkeep(store, refresh_map=False)
+    try:
+        with click.progressbar(length=count_rows(folder), label="Importing", show_pos=True,
+                               file=click.get_text_stream("stderr")) as bar:
+            summary = import_shards(store, folder, after_batch=upkeep.after_batch, progress=bar.update)
+    except StoreError as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        upkeep.join()
+    click.echo(summary.line())

@@ -6,7 +6,7 @@ import json
 import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import sqlite_utils
@@ -365,6 +365,14 @@ class Store:
             "labels": one("select count(distinct label) from labels"),
             "failures": one("select count(*) from failures"),
         }
+
+    def file_states(self) -> Iterator[tuple[str, int | None, float | None]]:
+        """(path, size, mtime) of every live image with a vector and every recorded
+        failure: the files a backfill of the same folder need not read again."""
+        yield from self.db.execute(
+            "select path, size, mtime from images join vectors on vectors.image_id = images.id "
+            "where deleted_at is null union all select path, size, mtime from failures"
+        )
 
     # --- writes (callers group them in ``with store.db.atomic():``) ----------------
 
