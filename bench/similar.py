@@ -1,8 +1,17 @@
 """Similar-image search: the Annoy index against exact numpy search, on synthetic
-2048-d vectors drawn from clusters.
+2048-d vectors drawn from clusters; and a simulated backfill through the product's
+segments.
 
     .venv/bin/python bench/similar.py --sizes 10k,100k
     .venv/bin/python bench/similar.py --sizes 1m --queries 100 --trees 10
+    .venv/bin/python bench/similar.py --backfill 200k --dims 1280
+
+``--backfill N`` adds N vectors to a SQLite collection in batches, as ingest commits
+them; after each batch the Indexer's rule decides whether a segment build is due, and
+the build runs to its end before the next batch (so the build seconds add up honestly;
+in the product it runs in the background). At each stage it prints the segments, the
+tail, the build seconds so far, recall@10 against exact search and query p50 / p99 of
+``Searcher.similar``, and the most vectors the searcher read for one batch.
 
 For each size: build time, index file size, query latency p50 / p99 (one query at
 a time, as a similar-images page asks) and recall@10 against exact search. Annoy
@@ -27,7 +36,7 @@ import numpy as np
 from annoy import AnnoyIndex
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from collection.index import N_TREES, Searcher, build, search_k_for  # noqa: E402
+from collection.index import N_TREES, SEGMENT_MIN, Indexer, Searcher, build, search_k_for  # noqa: E402
 from collection.store import Store  # noqa: E402
 
 D = 2048
@@ -41,15 +50,18 @@ def parse_size(text: str) -> int:
     return int(float(text.rstrip("km")) * scale)
 
 
-def vectors(n: int, path: Path, seed: int = 0) -> np.memmap:
+def vectors(n: int, path: Path, seed: int = 0, d: int = D, growing: bool = False) -> np.memmap:
     """n unit vectors like a CNN's pooled features, written in chunks to a memmap.
 
     Clusters of mean size 50 (log-normal sizes) around random centres; within a
     cluster a point moves in a 16-d subspace of its own (the pose / crop / light of
     one subject) plus a little isotropic noise; all share a common direction, as
     non-negative features do. Nearest neighbours: cosine about 0.88; the 10th about
-    0.83; two unrelated images about 0.2.
+    0.83; two unrelated images about 0.2. ``growing``: the first i vectors come from the
+    first i / 50 clusters (per chunk), so every prefix looks like a collection of its size,
+    as a backfill in the order photos were taken would.
     """
+    D = d  # noqa: N806
     rng = np.random.default_rng(seed)
     common = rng.normal(size=D).astype(np.float32)
     common /= np.linalg.norm(common)
@@ -62,7 +74,8 @@ def vectors(n: int, path: Path, seed: int = 0) -> np.memmap:
     for start in range(0, n, CHUNK):
         chunk_rng = np.random.default_rng([seed, start])
         m = min(CHUNK, n - start)
-        members = chunk_rng.choice(clusters, size=m, p=weights / weights.sum())
+        known = min(clusters, max(10, (start + m) // 50)) if growing else clusters
+        members = chunk_rng.choice(known, size=m, p=weights[:known] / weights[:known].sum())
         pose = chunk_rng.normal(size=(m, 16)).astype(np.float32) / 4
         x = chunk_rng.normal(size=(m, D)).astype(np.float32) * np.float32(0.3 / np.sqrt(D))
         x += 0.6 * common + centres[members]
@@ -196,7 +209,7 @@ def run_searcher(
             )
     store.close()
     began = time.perf_counter()
-    result = build(db_path)
+    result = build(db_path, full=True)
     seconds = time.perf_counter() - began
     results = []
     for search_k in search_ks:
@@ -206,14 +219,95 @@ def run_searcher(
         results.append(
             {
                 "method": "Searcher (SQLite)",
-                "n_trees": result["index_n_trees"],
+                "n_trees": result["built"]["n_trees"],
                 "search_k": search_k,
                 "build": seconds,
-                "mb": result["size"] / 1e6,
+                "mb": sum(p.stat().st_size for p in Path(result["path"]).glob("*.annoy")) / 1e6,
                 **measured,
             }
         )
     return results
+
+
+def backfill(
+    x: np.ndarray, stages: list[int], batch: int, n_trees: int, queries: int, folder: Path
+) -> list[dict]:
+    """Grow a collection to len(x) a batch at a time, building segments as the Indexer
+    would, and measure the searcher at each stage."""
+    db_path = folder / "backfill.db"
+    store = Store(db_path)
+    store.claim_model("bench", x.shape[1], "fp32")
+    conn = store.db.conn
+    indexer = Indexer(db_path, n_trees=n_trees)
+    searcher = Searcher(db_path)
+    rows, built_seconds, builds, most_read = [], 0.0, 0, 0
+    for start in range(0, stages[-1], batch):
+        ids = range(start, min(start + batch, stages[-1]))
+        with store.db.atomic():
+            conn.executemany("insert into images (id, path) values (?, ?)", ((i + 1, f"/{i}") for i in ids))
+            conn.executemany(
+                "insert into vectors (image_id, model, vector) values (?, 'bench', ?)",
+                ((i + 1, np.asarray(x[i], "<f4").tobytes()) for i in ids),
+            )
+        read = searcher.vectors_read
+        searcher.similar(start + 1, K)  # the query after a batch (as matches upkeep asks)
+        most_read = max(most_read, searcher.vectors_read - read)
+        if indexer.due():
+            cpu = time.process_time()
+            build(db_path, n_trees, segment_min=indexer.segment_min)
+            built_seconds += time.process_time() - cpu  # CPU: other jobs share this machine's cores
+            builds += 1
+        size = ids[-1] + 1
+        if size in stages:
+            status = searcher.status()
+            picked = np.random.default_rng(size).choice(size, min(queries, size), replace=False)
+            truth = exact_top(x[:size], picked)
+            measured = run_queries(picked, truth, lambda q: [i - 1 for i, _ in searcher.similar(int(q) + 1, K)])
+            rows.append(
+                {
+                    "size": size,
+                    "segments": status["segments"],
+                    "sizes": "/".join(str(s["items"] // 1000) + "k" for s in (seg.record for seg in searcher._state.segments)),
+                    "tail": status["unindexed"],
+                    "builds": builds,
+                    "build": built_seconds,
+                    "read": most_read,
+                    **measured,
+                }
+            )
+            print(
+                f"  {size:,}: {status['segments']} segments, tail {status['unindexed']}, "
+                f"{builds} builds {built_seconds:.0f} CPU s, recall {measured['recall']:.3f}, "
+                f"p50 {measured['p50']:.2f} ms, p99 {measured['p99']:.2f} ms "
+                f"(CPU {measured['cpu50']:.2f}, {measured['cpu99']:.2f})",
+                flush=True,
+            )
+    searcher.close()
+    store.close()
+    return rows
+
+
+def main_backfill(args) -> None:
+    size = parse_size(args.backfill)
+    stages = sorted({s for s in (parse_size(t) for t in args.stages.split(",")) if s < size} | {size})
+    print(
+        f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; command: {' '.join(sys.argv)}"
+    )
+    with tempfile.TemporaryDirectory(dir=args.tmp, prefix="bench-backfill-") as tmp:
+        x = vectors(size, Path(tmp) / "vectors.npy", d=args.dims, growing=True)
+        rows = backfill(x, stages, args.batch, int(args.trees), args.queries, Path(tmp))
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}\n")
+    print(
+        f"{args.dims}-d clustered vectors, batches of {args.batch}, {args.trees} trees, "
+        f"segment minimum {SEGMENT_MIN}, {args.queries} queries per stage\n"
+    )
+    print("| images | segments (k items) | tail | builds | build CPU s so far | recall@10 | p50 ms | p99 ms | CPU p50 ms | CPU p99 ms | most vectors read per batch |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(
+            f"| {r['size']:,} | {r['segments']} ({r['sizes']}) | {r['tail']} | {r['builds']} | {r['build']:.0f} | "
+            f"{r['recall']:.3f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['cpu50']:.2f} | {r['cpu99']:.2f} | {r['read']} |"
+        )
 
 
 def main() -> None:
@@ -231,7 +325,13 @@ def main() -> None:
         "--searcher", action="store_true", help="also time collection.index.Searcher (<= 100k)"
     )
     parser.add_argument("--tmp", default=tempfile.gettempdir(), help="where the vectors and index files go")
+    parser.add_argument("--backfill", help="simulate a backfill to this size through the product's segments")
+    parser.add_argument("--stages", default="10k,50k,100k,200k,500k", help="backfill sizes to measure at")
+    parser.add_argument("--batch", type=int, default=1000, help="backfill vectors per committed batch")
+    parser.add_argument("--dims", type=int, default=D, help="vector dimensions")
     args = parser.parse_args()
+    if args.backfill:
+        return main_backfill(args)
     trees = [int(t) for t in args.trees.split(",")]
     print(
         f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; command: {' '.join(sys.argv)}"

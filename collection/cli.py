@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .search import MAX_K
 from .store import DEFAULT_DB, Store, StoreError
 
 PROGRESS_FROM = 20  # files; fewer finish before a bar would help
@@ -360,7 +361,8 @@ def map_(db_path, method, perplexity):
 
 @cli.command()
 @click.argument("image")
-@click.option("-k", "k", type=click.IntRange(1, 1000), default=10, show_default=True, help="How many to show.")
+@click.option("-k", "k", type=click.IntRange(1, MAX_K), default=10, show_default=True,
+              help=f"How many to show (at most {MAX_K}).")
 @click.option("--min-score", type=click.FloatRange(-1.0, 1.0), default=0.0, show_default=True,
               help="Leave out images less similar than this (cosine).")
 @click.option("--json", "as_json", is_flag=True, help="Output JSON.")
@@ -385,8 +387,8 @@ def similar(image, k, min_score, as_json, db_path):
     else:
         raise click.ClickException(f"no image {image!r} in {db_path}, and no such file")
     paths = dict(store.db.execute(
-        f"select id, path from images where id in ({', '.join('?' * len(found))})", [i for i, _ in found]
-    )) if found else {}
+        "select id, path from images where id in (select value from json_each(?))", [json.dumps([i for i, _ in found])]
+    ))
     if as_json:
         click.echo(json.dumps([{"id": i, "score": round(s, 6), "path": paths.get(i)} for i, s in found], indent=2))
     else:
@@ -417,20 +419,22 @@ def _embed_file(store: Store, path: str):
 @click.option("--trees", type=click.IntRange(1, 1000), default=None,
               help="Annoy trees: more give better recall, a bigger file and a slower build.")
 def index_command(db_path, trees):
-    """Rebuild the similar-images index now, and bring the matches table up to date."""
-    from .index import N_TREES, build, update_matches
+    """Rebuild the similar-images index into one segment now, and bring the matches table
+    up to date (filling it, if it never was, in the foreground)."""
+    from .index import N_TREES, build
+    from .matches import fill, update_matches
 
     store = open_store(db_path, create=False)
-    result = build(db_path, n_trees=trees or N_TREES)
-    if result["index_items"]:
+    result = build(db_path, n_trees=trees or N_TREES, full=True)
+    if result["built"]:
         click.echo(
-            f"Indexed {result['index_items']} images ({result['index_model']}, "
-            f"{result['index_n_trees']} trees) in {result['index_seconds']:.1f}s: "
-            f"{result['path']} ({result['size'] / 1e6:.1f} MB)"
+            f"Indexed {result['built']['items']} images ({result['index_model']}, "
+            f"{result['built']['n_trees']} trees) in {result['seconds']:.1f}s: {result['path']}"
         )
     else:
         click.echo("No images to index.")
-    click.echo(f"Matches: {update_matches(store)} lists updated")
+    written = fill(store) if store.get_meta("matches_seq") is None else update_matches(store)
+    click.echo(f"Matches: {written} lists updated")
 
 
 @cli.command()

@@ -1,209 +1,396 @@
-"""Similar images: an Annoy file that is always current, ``matches`` kept in SQL, SQL functions.
+"""The similar-images index: immutable Annoy segments, built in the background and merged
+geometrically, the way a search engine keeps its segments.
 
-The Annoy file (``<db>.annoy``) is derived and disposable. It is built into a
-temporary file and ``os.replace``d, so a reader that has the old one loaded keeps
-a valid mapping, notices the new file (inode / mtime) and opens it on its next
-query. ``collection_meta`` says what the file covers: every live vector with no
-entry in the ``vector_changes`` log (filled by triggers, see store.m003_matches)
-after ``index_seq``. Vectors changed since - new, re-embedded, back from the
-deleted - are searched exactly with numpy and merged with Annoy's answers, so an
-image can be found the moment its row is committed. Every candidate is checked
-against the database and scored by the dot product of the stored vectors (the
-exact cosine; Annoy's angular distance d would give 1 - d²/2), so a deleted image
-is never returned and both halves rank on the same scale.
+The index is a list of segments in the folder ``<db>.index/``: each an Annoy file
+(``<name>.annoy``) and the sorted ids it holds (``<name>.ids.npy``), never changed once
+written. The record in ``collection_meta`` (``index_segments``, JSON, oldest first) says
+which files make the index. Segment j was built from the live vectors whose newest entry
+in the ``vector_changes`` log (filled by triggers, see store.m003_matches) fell after the
+``hi`` of segment j - 1 and up to its own ``hi``; the first, the base, from every vector
+up to its ``hi``. ``index_seq`` is the log position the whole index covers; vectors
+changed after it are the tail, searched exactly by search.py.
+
+A build takes the tail and the newest segments that it outgrows (a binary counter: a
+segment is merged once the items arriving after it are as many as it holds), so sizes at
+least double going back, there are at most log2(N / SEGMENT_MIN) + 1 segments, and each
+image is built O(log N) times over a backfill. A copy in a segment dies when its image is
+deleted or embedded again; a segment whose dead copies pass DEAD_SHARE is rebuilt with
+the newer ones (compaction). Only one builder works on a database at a time (a file lock);
+it builds into temporary files, ``os.replace``s them into place under new names, commits
+the record, and only then unlinks the files it replaced: a reader that has them mapped
+keeps a valid mapping (annoy pins SIGBUS on a file overwritten while loaded).
 """
 
 from __future__ import annotations
 
+import fcntl
+import importlib
 import json
 import logging
 import os
 import sqlite3
-import tempfile
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 from annoy import AnnoyIndex
 
-from .store import Store, decode, now
+from .store import decode, now
 
-# Chosen with bench/similar.py: on clustered 2048-d vectors, recall@10 0.97 at 100k
-# (search_k 2000) and 0.94 at 1M (search_k 10,000), p99 under 10 ms of CPU per query.
+# bench/similar.py chose these: recall@10 >= 0.95 against exact search at every stage of a
+# backfill of clustered vectors (see the README's table).
 N_TREES = 50
-SEARCH_K = 2000  # Annoy candidates looked at per query, at the least ...
-SEARCH_SHARE = 0.01  # ... or this share of the indexed images, whichever is more
 SEED = 0
-MATCHES_K = 10
-MIN_SCORE = 0.0
-# A new image enters an older image's top-k only if that image is among the new one's
-# nearest REVERSE_REACH: exact for any image that is not an outlier far from the rest.
-REVERSE_REACH = 100
-# Rebuild once the vectors outside the file reach REBUILD_SHARE of the collection or
-# REBUILD_COUNT, whichever comes first; below REBUILD_MIN the exact search is cheaper.
-REBUILD_SHARE = 0.1
-REBUILD_COUNT = 2000
-REBUILD_MIN = 1000
-_SETTLE = (20, 0.01)  # tries, seconds apart, for a builder to commit the file it just placed
+# The tail becomes a segment once this many live vectors are outside the index; below it
+# the exact search over them costs less than a build.
+SEGMENT_MIN = 2000
+# A segment is rebuilt once this share of its copies are dead (deleted or re-embedded).
+DEAD_SHARE = 0.2
+# Threads for Annoy's build. A quarter of the cores: the build runs beside the model,
+# which takes the rest (ingest.py decodes on one thread per 4 cores too); 1 on this
+# project's 2-core machines. More threads add trees in any order, so only a one-thread
+# build is byte-for-byte reproducible from its seed.
+BUILD_JOBS = max(1, (os.cpu_count() or 1) // 4)
+_TMP = ".tmp"
 
 log = logging.getLogger(__name__)
 
 
 def index_path(db_path: str | Path) -> Path:
-    return Path(f"{db_path}.annoy")
+    """The folder that holds a database's segments."""
+    return Path(f"{db_path}.index")
 
 
-def search_k_for(items: int) -> int:
-    """How many candidates Annoy looks at per query in an index of ``items``."""
-    return max(SEARCH_K, int(SEARCH_SHARE * items))
+# --- the record -----------------------------------------------------------------
 
 
-def _identity(path: Path) -> str | None:
-    """Which file is at ``path`` now: a replaced file has a new inode and mtime."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def _meta(conn: sqlite3.Connection) -> dict[str, str]:
+def meta(conn: sqlite3.Connection) -> dict[str, str]:
     return dict(conn.execute("select key, value from collection_meta"))
 
 
-def _last_change(conn: sqlite3.Connection) -> int:
+def segments_of(record: dict[str, str]) -> list[dict]:
+    """The segments the record lists, oldest first; none when the index is for another model."""
+    if record.get("index_model") != record.get("model") or "index_segments" not in record:
+        return []
+    return json.loads(record["index_segments"])
+
+
+def last_change(conn: sqlite3.Connection) -> int:
     """The newest seq ever given out in the change log (pruned entries included)."""
     row = conn.execute("select seq from sqlite_sequence where name = 'vector_changes'").fetchone()
     return row[0] if row else 0
 
 
-def _marks(values) -> str:
-    return ", ".join("?" * len(values))
-
-
-def _prune_changes(conn: sqlite3.Connection) -> None:
-    """Drop log entries that both the Annoy file and ``matches`` have taken in. Without
-    a file nothing goes: readers then tell changed vectors apart by their newest entry."""
-    meta = _meta(conn)
-    if "matches_seq" in meta and "index_file" in meta and meta.get("index_model") == meta.get("model"):
-        upto = min(int(meta["matches_seq"]), int(meta["index_seq"]))
+def prune_changes(conn: sqlite3.Connection) -> None:
+    """Drop log entries that both the index and ``matches`` have taken in. The index needs
+    them back to its base's ``hi``: merges and dead counts read changes after any
+    segment's ``hi``. Without an index nothing goes: readers then tell changed vectors
+    apart by their newest entry."""
+    record = meta(conn)
+    segments = segments_of(record)
+    if "matches_seq" in record and segments:
+        upto = min(int(record["matches_seq"]), segments[0]["hi"])
         conn.execute("delete from vector_changes where seq <= ?", [upto])
+
+
+def load_ids(folder: Path, segment: dict) -> np.ndarray:
+    return np.load(folder / f"{segment['name']}.ids.npy", mmap_mode="r")
+
+
+def contains(sorted_ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Which of ``wanted`` are in ``sorted_ids``, by binary search: O(len(wanted) log n),
+    where np.isin would sort the whole segment's ids."""
+    if not len(sorted_ids) or not len(wanted):
+        return np.zeros(len(wanted), bool)
+    at = np.minimum(np.searchsorted(sorted_ids, wanted), len(sorted_ids) - 1)
+    return np.asarray(sorted_ids[at] == wanted)
+
+
+# --- planning ---------------------------------------------------------------------
+
+
+def plan(segments: list[dict], tail: int, dead_share: float = DEAD_SHARE) -> int:
+    """Which segment the next build starts from: it rebuilds that one and every newer one
+    together with the tail of ``tail`` live vectors; ``len(segments)`` builds the tail alone."""
+    first, arriving = len(segments), tail
+    while first > 0 and arriving >= live(segments[first - 1]):
+        first -= 1
+        arriving += live(segments[first])
+    for j, segment in enumerate(segments[:first]):
+        if segment["dead"] > dead_share * segment["items"]:
+            return j
+    return first
+
+
+def live(segment: dict) -> int:
+    return segment["items"] - segment["dead"]
+
+
+def _count_dead(conn: sqlite3.Connection, folder: Path, segments: list[dict], since: int) -> list[dict]:
+    """The segments with the copies that died after ``since`` (the log position the record
+    covers) added to their dead counts. A copy dies at its image's first change after its
+    segment's ``hi``; later changes of the same image find it dead already."""
+    changed = np.array(
+        [r[0] for r in conn.execute("select distinct image_id from vector_changes not indexed where seq > ?", [since])],
+        np.int64,
+    )
+    counted = []
+    for segment in segments:
+        hit = changed[contains(load_ids(folder, segment), changed)]
+        newly = sum(
+            1
+            for image_id in hit.tolist()
+            if conn.execute(
+                "select 1 from vector_changes where image_id = ? and seq > ? and seq <= ? limit 1",
+                [image_id, segment["hi"], since],
+            ).fetchone()
+            is None
+        )
+        counted.append({**segment, "dead": segment["dead"] + newly})
+    return counted
 
 
 # --- building -------------------------------------------------------------------
 
 
-def build(db_path: str | Path, n_trees: int = N_TREES, seed: int = SEED) -> dict:
-    """Build the Annoy file from the live vectors, put it in place and record it.
+@contextmanager
+def builder_lock(db_path: str | Path, wait: bool) -> Iterator[bool]:
+    """Hold the database's one-builder lock; yields False when another builder has it
+    (and ``wait`` is False). Whoever holds it may remove any file the record does not list."""
+    folder = index_path(db_path)
+    folder.mkdir(exist_ok=True)
+    with open(folder / "build.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
-    Safe beside a running writer and readers: it reads one snapshot, builds into a
-    temporary file, and replaces the old file and its record in one write transaction.
+
+def clean(db_path: str | Path, record: dict[str, str] | None = None) -> list[str]:
+    """Remove what an interrupted build left (temporaries, files placed but never
+    recorded) and the single-file index of older versions. Call with the builder lock
+    held; returns the names removed."""
+    folder = index_path(db_path)
+    if record is None:
+        conn = sqlite3.connect(db_path, timeout=30)
+        try:
+            record = meta(conn)
+        finally:
+            conn.close()
+    keep = {f"{s['name']}{ext}" for s in json.loads(record.get("index_segments", "[]")) for ext in (".annoy", ".ids.npy")}
+    keep.add("build.lock")
+    db = Path(db_path)
+    legacy = [db.parent / f"{db.name}.annoy", *db.parent.glob(f".{db.name}.annoy.*.tmp")]
+    removed = []
+    for path in [*folder.iterdir(), *legacy]:
+        if path.parent == folder and path.name in keep:
+            continue
+        if path.exists():
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
+def build(
+    db_path: str | Path,
+    n_trees: int = N_TREES,
+    seed: int = SEED,
+    full: bool = False,
+    wait: bool = True,
+    n_jobs: int = BUILD_JOBS,
+    segment_min: int = 1,
+    dead_share: float = DEAD_SHARE,
+) -> dict:
+    """Bring the index up to the latest commit: build the tail (with the segments it
+    outgrows, and any due for compaction) into one new segment, or, with ``full``, every
+    live vector into a new base. Safe beside a running writer and readers.
+
+    Returns the new record (``index_*`` keys) plus ``built`` (the new segment, or None
+    when nothing was due: fewer than ``segment_min`` live vectors in the tail and no
+    compaction) and ``path``. With ``wait`` False it returns at once, ``built`` None and
+    ``busy`` True, when another builder holds the lock.
     """
     started = time.perf_counter()
-    target = index_path(db_path)
+    folder = index_path(db_path)
     conn = sqlite3.connect(db_path, timeout=30, isolation_level=None)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        conn.execute("begin")  # one snapshot: the log position and the vectors agree
-        meta = _meta(conn)
-        seq = _last_change(conn)
-        annoy, items, max_id, dimensions = None, 0, 0, None
-        rows = conn.execute(
-            "select v.image_id, v.vector from vectors v join images i on i.id = v.image_id "
-            "where i.deleted_at is null and v.model = ? order by v.image_id",
-            [meta.get("model")],
-        )
-        for image_id, blob in rows:
-            if annoy is None:
-                dimensions = len(blob) // 4
-                annoy = AnnoyIndex(dimensions, "angular")
-                annoy.set_seed(seed)
-                annoy.on_disk_build(tmp)  # items go to the file, not to memory
-            annoy.add_item(image_id, decode(blob).tolist())  # a list is 2x faster to add
-            items, max_id = items + 1, image_id
-        conn.execute("commit")
-        if annoy is not None:
-            # One thread (the GIL is released meanwhile): threads would add the trees in any
-            # order, and one seed should give one file. It also leaves a core to the ingest.
-            annoy.build(n_trees, n_jobs=1)
-            annoy.unload()
-        conn.execute("begin immediate")  # one builder at a time swaps the file and its record
-        try:
-            if annoy is not None:
-                os.replace(tmp, target)
-            else:
-                target.unlink(missing_ok=True)  # an empty collection has no file
-            record = {
-                "index_model": meta.get("model"),
-                "index_dimensions": dimensions,
-                "index_items": items,
-                "index_max_id": max_id,
-                "index_seq": seq,
-                "index_n_trees": n_trees,
-                "index_seed": seed,
-                "index_built_at": now(),
-                "index_seconds": round(time.perf_counter() - started, 3),
-                "index_file": _identity(target),
-            }
-            conn.execute("delete from collection_meta where key like 'index\\_%' escape '\\'")
-            conn.executemany(
-                "insert into collection_meta (key, value) values (?, ?)",
-                [(key, str(value)) for key, value in record.items() if value is not None],
-            )
-            _prune_changes(conn)
+        with builder_lock(db_path, wait) as held:
+            if not held:
+                return {"built": None, "busy": True, "path": str(folder)}
+            conn.execute("begin")  # one snapshot: the log position and the vectors agree
+            record = meta(conn)
+            clean(db_path, record)
+            segments = segments_of(record)
+            covered = int(record.get("index_seq", 0)) if segments else 0
+            seq = last_change(conn)
+            segments = _count_dead(conn, folder, segments, covered)
+            tail = _tail_count(conn, record.get("model"), covered) if segments else None
+            first = 0 if full or not segments else plan(segments, tail, dead_share)
+            if first == len(segments) and tail is not None and tail < segment_min:
+                conn.execute("rollback")
+                return {"built": None, "busy": False, "path": str(folder), **_public(record)}
+            name = f"{seq:012d}-{uuid.uuid4().hex[:8]}"
+            since = segments[first - 1]["hi"] if first else None
+            built = _write_segment(conn, folder, name, record.get("model"), since, n_trees, seed)
             conn.execute("commit")
-        except BaseException:
-            conn.execute("rollback")
-            raise
+            if built is not None:
+                built["annoy"].build(n_trees, n_jobs=n_jobs)
+                built["annoy"].unload()
+            replaced = segments[first:]
+            kept = segments[:first]
+            if built is not None:
+                kept.append(
+                    {
+                        "name": name,
+                        "items": built["items"],
+                        "hi": seq,
+                        "dead": 0,
+                        "n_trees": n_trees,
+                        "built_at": now(),
+                        "seconds": round(time.perf_counter() - started, 3),
+                    }
+                )
+            conn.execute("begin immediate")
+            try:
+                if built is not None:
+                    for ext in (".annoy", ".ids.npy"):
+                        os.replace(folder / f"{name}{ext}{_TMP}", folder / f"{name}{ext}")
+                new = {
+                    "index_model": record.get("model"),
+                    "index_dimensions": built["dimensions"] if built else record.get("index_dimensions"),
+                    "index_seq": seq,
+                    "index_segments": json.dumps(kept),
+                    "index_built_at": now(),
+                }
+                conn.execute("delete from collection_meta where key like 'index\\_%' escape '\\'")
+                conn.executemany(
+                    "insert into collection_meta (key, value) values (?, ?)",
+                    [(key, str(value)) for key, value in new.items() if value is not None],
+                )
+                prune_changes(conn)
+                conn.execute("commit")
+            except BaseException:
+                conn.execute("rollback")
+                raise
+            for segment in replaced:  # readers that have them mapped keep valid mappings
+                for ext in (".annoy", ".ids.npy"):
+                    (folder / f"{segment['name']}{ext}").unlink(missing_ok=True)
+            clean(db_path)
     finally:
+        if conn.in_transaction:
+            conn.execute("rollback")
         conn.close()
-        Path(tmp).unlink(missing_ok=True)
-    size = target.stat().st_size if annoy is not None else 0
-    return {**record, "path": str(target), "size": size}
+    return {
+        **_public(new),
+        "built": kept[-1] if built is not None else None,
+        "replaced": len(replaced),
+        "seconds": round(time.perf_counter() - started, 3),
+        "path": str(folder),
+    }
 
 
-def needs_rebuild(
-    indexed: int,
-    unindexed: int,
-    share: float = REBUILD_SHARE,
-    count: int = REBUILD_COUNT,
-    minimum: int = REBUILD_MIN,
-) -> bool:
-    return unindexed > 0 and unindexed >= max(minimum, min(count, share * (indexed + unindexed)))
+def _public(record: dict) -> dict:
+    segments = json.loads(record.get("index_segments", "[]"))
+    return {
+        "index_model": record.get("index_model"),
+        "index_items": sum(live(s) for s in segments),
+        "index_segments": len(segments),
+        "index_seq": int(record.get("index_seq", 0)),
+    }
+
+
+def _tail_count(conn: sqlite3.Connection, model: str | None, covered: int) -> int:
+    return conn.execute(
+        "select count(*) from images i join vectors v on v.image_id = i.id where i.deleted_at is null "
+        "and v.model = ? and i.id in (select image_id from vector_changes not indexed where seq > ?)",
+        [model, covered],
+    ).fetchone()[0]
+
+
+def _write_segment(
+    conn: sqlite3.Connection, folder: Path, name: str, model: str | None, since: int | None, n_trees: int, seed: int
+) -> dict | None:
+    """Stream the live vectors changed after ``since`` (all of them when None) into an
+    on-disk Annoy build and their ids into a temporary file; None when there are none."""
+    where = "" if since is None else "and v.image_id in (select image_id from vector_changes not indexed where seq > ?)"
+    rows = conn.execute(
+        "select v.image_id, v.vector from vectors v join images i on i.id = v.image_id "
+        f"where i.deleted_at is null and v.model = ? {where} order by v.image_id",
+        [model] if since is None else [model, since],
+    )
+    annoy, ids, dimensions = None, [], 0
+    for image_id, blob in rows:
+        if annoy is None:
+            dimensions = len(blob) // 4
+            annoy = AnnoyIndex(dimensions, "angular")
+            annoy.set_seed(seed)
+            annoy.on_disk_build(str(folder / f"{name}.annoy{_TMP}"))  # items go to the file, not to memory
+        annoy.add_item(image_id, decode(blob).tolist())  # a list is 2x faster to add
+        ids.append(image_id)
+    if annoy is None:
+        return None
+    with open(folder / f"{name}.ids.npy{_TMP}", "wb") as f:
+        np.save(f, np.array(ids, np.int64))
+    return {"annoy": annoy, "items": len(ids), "dimensions": dimensions}
 
 
 class Indexer:
-    """Keeps the Annoy file current for the process that writes the collection.
+    """Keeps the index current for the process that writes the collection.
 
-    Call ``check()`` after each committed batch: it starts a rebuild in a background
-    thread once the unindexed remainder passes the threshold, one build at a time.
-    Queries stay exact and current meanwhile; ``join()`` before the process exits.
+    Call ``check()`` after each committed batch (and after deletions): once the tail
+    reaches ``segment_min`` live vectors, or dead copies are due for compaction, it starts
+    a build in a background thread, one at a time; nothing waits for it. Queries stay
+    exact and current meanwhile; ``join()`` before the process exits.
     """
 
     def __init__(
         self,
         db_path: str | Path,
         n_trees: int = N_TREES,
-        share: float = REBUILD_SHARE,
-        count: int = REBUILD_COUNT,
-        minimum: int = REBUILD_MIN,
+        segment_min: int = SEGMENT_MIN,
+        dead_share: float = DEAD_SHARE,
+        n_jobs: int = BUILD_JOBS,
     ):
         self.db_path = str(db_path)
         self.n_trees = n_trees
-        self.threshold = {"share": share, "count": count, "minimum": minimum}
+        self.segment_min = segment_min
+        self.dead_share = dead_share
+        self.n_jobs = n_jobs
         self.builds: list[dict] = []
         self._thread: threading.Thread | None = None
+        with builder_lock(self.db_path, wait=False) as held:
+            if held:
+                clean(self.db_path)  # what a killed build left
+
+    def due(self) -> bool:
+        conn = sqlite3.connect(self.db_path, timeout=30)
+        try:
+            if not segments_of(meta(conn)):  # no index yet: count, without loading vectors
+                return conn.execute(
+                    "select count(*) from (select 1 from images where deleted_at is null limit ?)",
+                    [self.segment_min],
+                ).fetchone()[0] >= self.segment_min
+        finally:
+            conn.close()
+        status = _search().open_index(self.db_path).status()
+        if status["unindexed"] >= self.segment_min:
+            return True
+        return status["dead"] > self.dead_share * (status["indexed"] + status["dead"])
 
     def check(self) -> bool:
-        """Start a rebuild if one is due and none is running; True when one started."""
+        """Start a build if one is due and none is running; True when one started."""
         if self._thread is not None and self._thread.is_alive():
             return False
-        status = open_index(self.db_path).status()
-        if not needs_rebuild(status["indexed"], status["unindexed"], **self.threshold):
+        if not self.due():
             return False
         self._thread = threading.Thread(target=self._build, name="annoy-build", daemon=True)
         self._thread.start()
@@ -215,390 +402,38 @@ class Indexer:
 
     def _build(self) -> None:
         try:
-            self.builds.append(build(self.db_path, self.n_trees))
+            result = build(
+                self.db_path,
+                self.n_trees,
+                wait=False,
+                n_jobs=self.n_jobs,
+                segment_min=self.segment_min,
+                dead_share=self.dead_share,
+            )
+            if result["built"] is not None:
+                self.builds.append(result)
         except Exception:  # the exact search still answers; the next check tries again
-            log.exception("rebuilding the similar-images index for %s failed", self.db_path)
+            log.exception("building the similar-images index for %s failed", self.db_path)
 
 
-# --- searching ------------------------------------------------------------------
+def _search():
+    return importlib.import_module(".search", __package__)
 
 
-class Searcher:
-    """Similar-image queries on one database: its Annoy file plus an exact search over
-    the vectors the file does not cover. Thread-safe, with its own read-only connection."""
-
-    def __init__(self, db_path: str | Path, search_k: int | None = None):
-        self.db_path = Path(db_path)
-        self.path = index_path(db_path)
-        self.search_k = search_k  # None: search_k_for(the file's items)
-        self.inode = os.stat(self.db_path).st_ino
-        self.closed = False
-        self._conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
-        self._conn.execute("pragma query_only = 1")
-        self._lock = threading.Lock()
-        self._seen: tuple | None = None  # (data_version, file identity) last refreshed at
-        self._meta: dict[str, str] = {}
-        self._annoy: AnnoyIndex | None = None
-        self._loaded: str | None = None  # identity of the file in self._annoy
-        self._seq = 0  # the log position the loaded file covers
-        self._keep({}, {})  # the remainder: id -> newest change seq, id -> vector
-
-    def close(self) -> None:
-        with self._lock:
-            self._drop_index()
-            self._conn.close()
-            self.closed = True
-
-    # --- public queries ---
-
-    def similar(
-        self, image_id: int, k: int = MATCHES_K, min_score: float = MIN_SCORE
-    ) -> list[tuple[int, float]]:
-        """The ``k`` live images most like ``image_id``, best first, as (id, cosine).
-        Raises KeyError when the image is not in the collection (or deleted)."""
-        image_id = int(image_id)
-        with self._snapshot():
-            vector = self._vector(image_id)
-            if vector is None:
-                raise KeyError(image_id)
-            return self._search(vector, k, min_score, exclude=image_id)
-
-    def similar_to_vector(
-        self, vector, k: int = MATCHES_K, min_score: float = MIN_SCORE
-    ) -> list[tuple[int, float]]:
-        """The ``k`` live images most like a vector from the database's model."""
-        vector = np.asarray(vector, np.float32).ravel()
-        vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
-        with self._snapshot():
-            dimensions = int(self._meta.get("dimensions") or len(vector))
-            if len(vector) != dimensions:
-                raise ValueError(f"a {len(vector)}-d vector for a collection of {dimensions}-d ones")
-            return self._search(vector, k, min_score, exclude=None)
-
-    def similarity(self, id_a: int, id_b: int) -> float | None:
-        """Cosine similarity of two live images; None when either is missing or deleted."""
-        with self._snapshot():
-            a, b = self._vector(int(id_a)), self._vector(int(id_b))
-            return None if a is None or b is None else float(np.dot(a, b))
-
-    def status(self) -> dict:
-        with self._snapshot():
-            meta = self._meta if self._annoy is not None else {}
-            return {
-                "model": self._meta.get("model"),
-                "indexed": int(meta.get("index_items", 0)),
-                "unindexed": len(self._ids),
-                "built_at": meta.get("index_built_at"),
-                "n_trees": int(meta["index_n_trees"]) if meta else None,
-                "path": str(self.path),
-            }
-
-    # --- keeping up with the database and the file ---
-
-    @contextmanager
-    def _snapshot(self) -> Iterator[None]:
-        """Hold the lock and one read transaction, refreshed against the latest commit."""
-        tries, pause = _SETTLE
-        with self._lock:
-            for attempt in range(tries):
-                self._conn.execute("begin")
-                try:
-                    ready = self._refresh(settled=attempt == tries - 1)
-                except BaseException:
-                    self._conn.execute("rollback")
-                    raise
-                if ready:
-                    break
-                self._conn.execute("rollback")
-                time.sleep(pause)
-            try:
-                yield
-            finally:
-                self._conn.execute("rollback")  # read only: nothing to keep
-
-    def _refresh(self, settled: bool) -> bool:
-        """Load what changed since the last query. False while a builder has put a new
-        file in place but not yet committed its record (unless ``settled``: then go on
-        without the file, exactly)."""
-        meta = _meta(self._conn)  # the first read fixes the snapshot
-        seen = (self._conn.execute("pragma data_version").fetchone()[0], _identity(self.path))
-        if seen == self._seen:
-            return True
-        self._meta = meta
-        wanted = meta.get("index_file") if meta.get("index_model") == meta.get("model") else None
-        if wanted is None:
-            if self._annoy is not None:
-                self._drop_index()
-        elif wanted != self._loaded:
-            annoy = self._open_file(wanted) if seen[1] == wanted else None
-            if annoy is None and seen[1] is not None and not settled:
-                return False
-            # Without the file the record describes (gone, or never committed), search
-            # exactly, re-reading the remainder whenever the database changes.
-            self._drop_index()
-            if annoy is not None:
-                self._annoy, self._loaded, self._seq = annoy, wanted, int(meta["index_seq"])
-        self._load_remainder()
-        self._seen = seen
-        return True
-
-    def _open_file(self, identity: str) -> AnnoyIndex | None:
-        annoy = AnnoyIndex(int(self._meta["index_dimensions"]), "angular")
-        try:
-            annoy.load(str(self.path))
-        except OSError:
-            return None
-        if _identity(self.path) != identity:  # replaced again while loading
-            annoy.unload()
-            return None
-        return annoy
-
-    def _drop_index(self) -> None:
-        """Forget the file and the remainder read against it."""
-        if self._annoy is not None:
-            self._annoy.unload()
-        self._annoy, self._loaded, self._seq = None, None, 0
-        self._keep({}, {})
-
-    def _load_remainder(self) -> None:
-        """The live vectors outside the loaded file (all of them without one), read only
-        when new or changed since the last refresh."""
-        if self._annoy is None:
-            rows = self._conn.execute(
-                "select v.image_id, (select coalesce(max(seq), 0) from vector_changes c "
-                "where c.image_id = v.image_id) from vectors v join images i on i.id = v.image_id "
-                "where i.deleted_at is null and v.model = ?",
-                [self._meta.get("model")],
-            )
-        else:
-            rows = self._conn.execute(
-                "select c.image_id, max(c.seq) from vector_changes c "
-                "join images i on i.id = c.image_id join vectors v on v.image_id = c.image_id "
-                "where c.seq > ? and i.deleted_at is null and v.model = ? group by c.image_id",
-                [self._seq, self._meta.get("model")],
-            )
-        fresh = dict(rows.fetchall())
-        stale = [i for i, seq in fresh.items() if self._fresh.get(i) != seq]
-        if not stale and fresh.keys() == self._fresh.keys():
-            return
-        vectors = {i: v for i, v in self._vectors.items() if i in fresh}
-        for start in range(0, len(stale), 500):
-            chunk = stale[start : start + 500]
-            for image_id, blob in self._conn.execute(
-                f"select image_id, vector from vectors where image_id in ({_marks(chunk)})", chunk
-            ):
-                vectors[image_id] = decode(blob)
-        self._keep(fresh, vectors)
-
-    def _keep(self, fresh: dict[int, int], vectors: dict[int, np.ndarray]) -> None:
-        self._fresh, self._vectors = fresh, vectors
-        self._ids = np.fromiter(vectors, np.int64, len(vectors))
-        self._matrix = np.stack(list(vectors.values())) if vectors else np.zeros((0, 0), np.float32)
-
-    # --- the search ---
-
-    def _vector(self, image_id: int) -> np.ndarray | None:
-        if image_id in self._vectors:
-            return self._vectors[image_id]
-        row = self._conn.execute(
-            "select v.vector from vectors v join images i on i.id = v.image_id "
-            "where v.image_id = ? and i.deleted_at is null and v.model = ?",
-            [image_id, self._meta.get("model")],
-        ).fetchone()
-        return decode(row[0]) if row else None
-
-    def _search(
-        self, vector: np.ndarray, k: int, min_score: float, exclude: int | None
-    ) -> list[tuple[int, float]]:
-        want = k + 1  # room for the query image itself
-        found: dict[int, float] = {}
-        if len(self._ids):
-            scores = self._matrix @ vector
-            top = np.argpartition(-scores, want - 1)[:want] if len(scores) > want else range(len(scores))
-            found.update((int(self._ids[i]), float(scores[i])) for i in top)
-        if self._annoy is not None:
-            found.update(self._search_index(vector, want))
-        found.pop(exclude, None)
-        ranked = sorted((-score, image_id) for image_id, score in found.items() if score >= min_score)
-        return [(image_id, -negative) for negative, image_id in ranked[:k]]
-
-    def _search_index(self, vector: np.ndarray, want: int) -> dict[int, float]:
-        """Annoy's nearest that are still live and unchanged since the build, scored exactly."""
-        n = want
-        while True:
-            search_k = self.search_k or search_k_for(int(self._meta["index_items"]))
-            search_k = max(search_k, n * int(self._meta["index_n_trees"]))
-            candidates = self._annoy.get_nns_by_vector(vector.tolist(), n, search_k=search_k)
-            rows = self._conn.execute(
-                "select v.image_id, v.vector from vectors v join images i on i.id = v.image_id "
-                f"where v.image_id in ({_marks(candidates)}) and i.deleted_at is null "
-                "and not exists (select 1 from vector_changes c where c.image_id = v.image_id "
-                "and c.seq > ?)",
-                [*candidates, self._seq],
-            ).fetchall()
-            # Deleted or changed images crowd the answer: ask for more until enough remain.
-            if len(rows) >= want or len(candidates) < n:
-                break
-            n *= 4
-        if not rows:
-            return {}
-        scores = np.stack([decode(blob) for _, blob in rows]) @ vector
-        return {image_id: float(score) for (image_id, _), score in zip(rows, scores)}
+# The searcher and the matches table have their own modules; the plugin, the CLI and other
+# modules import these names from here, so they stay importable (loaded on first use:
+# search.py imports this module).
+_ELSEWHERE = {
+    "open_index": "search",
+    "Searcher": "search",
+    "register_functions": "search",
+    "search_k_for": "search",
+    "MAX_K": "search",
+    "update_matches": "matches",
+}
 
 
-_searchers: dict[str, Searcher] = {}
-_searchers_lock = threading.Lock()
-
-
-def open_index(db_path: str | Path) -> Searcher:
-    """The Searcher for a database, made once per path and process; cheap to call per request."""
-    key = os.path.realpath(db_path)
-    inode = os.stat(key).st_ino  # FileNotFoundError for a missing database
-    with _searchers_lock:
-        searcher = _searchers.get(key)
-        if searcher is None or searcher.closed or searcher.inode != inode:  # a new database there
-            if searcher is not None:
-                searcher.close()
-            searcher = _searchers[key] = Searcher(key)
-        return searcher
-
-
-# --- matches ----------------------------------------------------------------------
-
-
-def update_matches(
-    store: Store,
-    new_ids: Iterable[int] = (),
-    deleted_ids: Iterable[int] = (),
-    k: int = MATCHES_K,
-    min_score: float = MIN_SCORE,
-) -> int:
-    """Bring the ``matches`` table up to date after committed writes; returns how many
-    images' lists were rewritten.
-
-    New and changed images get their own top-k; older images whose top-k a new one
-    enters take it in; lists that named a deleted or changed image are refilled. The
-    ids given are joined by every id the change log names since the last call, so a
-    change made elsewhere (a move that dropped a row, another process) is caught too.
-    Call it after the writes are committed: the searcher reads through its own
-    connection. The first call on a database fills every list (``rebuild_matches``).
-    """
-    db = store.db
-    done = store.get_meta("matches_seq")
-    if done is None:
-        return rebuild_matches(store, k, min_score)
-    upto = _last_change(db.conn)
-    changed = {int(i) for i in (*new_ids, *deleted_ids)}
-    changed.update(r[0] for r in db.execute("select image_id from vector_changes where seq > ?", [int(done)]))
-    if not changed:
-        return 0
-    ids = sorted(changed)
-    listing = {
-        r[0] for r in db.execute(f"select image_id from matches where match_id in ({_marks(ids)})", ids)
-    }
-    searcher = open_index(store.path)
-    lists: dict[int, list[tuple[int, float]]] = {}
-    reach: dict[int, list[tuple[int, float]]] = {}
-    for image_id in sorted(changed | listing):
-        try:
-            found = searcher.similar(image_id, max(k, REVERSE_REACH) if image_id in changed else k, min_score)
-        except KeyError:  # deleted: its own list goes
-            continue
-        lists[image_id] = found[:k]
-        if image_id in changed:
-            reach[image_id] = found
-    with db.atomic():
-        redo = sorted(changed | listing)
-        db.execute(f"delete from matches where image_id in ({_marks(redo)})", redo)
-        for image_id, found in lists.items():
-            _write_list(db, image_id, found)
-        merged = set()
-        for new_id, found in reach.items():
-            for other, score in found:
-                if other not in lists and _take_in(db, other, new_id, score, k):
-                    merged.add(other)
-        _finish_matches(store, upto)
-    return len(lists) + len(merged)
-
-
-def rebuild_matches(store: Store, k: int = MATCHES_K, min_score: float = MIN_SCORE) -> int:
-    """Recompute every live image's list from scratch; returns how many were written."""
-    db = store.db
-    upto = _last_change(db.conn)
-    searcher = open_index(store.path)
-    ids = [
-        r[0]
-        for r in db.execute(
-            "select v.image_id from vectors v join images i on i.id = v.image_id "
-            "where i.deleted_at is null order by v.image_id"
-        )
-    ]
-    lists = {}
-    for image_id in ids:
-        try:
-            lists[image_id] = searcher.similar(image_id, k, min_score)
-        except KeyError:  # deleted since: the log brings it to the next update
-            pass
-    with db.atomic():
-        db.execute("delete from matches")
-        for image_id, found in lists.items():
-            _write_list(db, image_id, found)
-        _finish_matches(store, upto)
-    return len(lists)
-
-
-def _write_list(db, image_id: int, found: list[tuple[int, float]]) -> None:
-    db.conn.executemany(
-        "insert into matches (image_id, match_id, rank, score) values (?, ?, ?, ?)",
-        [(image_id, match_id, rank, score) for rank, (match_id, score) in enumerate(found, start=1)],
-    )
-
-
-def _take_in(db, image_id: int, new_id: int, score: float, k: int) -> bool:
-    """Put ``new_id`` into ``image_id``'s list if it ranks within the top k there."""
-    current = [
-        (match_id, s)
-        for match_id, s in db.execute(
-            "select match_id, score from matches where image_id = ? order by rank", [image_id]
-        )
-        if match_id != new_id
-    ]
-    if len(current) >= k and (-score, new_id) > (-current[-1][1], current[-1][0]):
-        return False
-    found = sorted([*current, (new_id, score)], key=lambda pair: (-pair[1], pair[0]))[:k]
-    db.execute("delete from matches where image_id = ?", [image_id])
-    _write_list(db, image_id, found)
-    return True
-
-
-def _finish_matches(store: Store, upto: int) -> None:
-    done = store.get_meta("matches_seq")
-    store.set_meta("matches_seq", max(upto, int(done or 0)))
-    _prune_changes(store.db.conn)
-
-
-# --- SQL functions ------------------------------------------------------------------
-
-
-def register_functions(conn: sqlite3.Connection, db_path: str | Path) -> None:
-    """``similar_images(image_id[, k[, min_score]])``: a JSON array of {"id", "score"}
-    for ``json_each``; ``image_similarity(id_a, id_b)``: cosine, NULL when either is
-    missing. Both query a Searcher with its own connection, never ``conn`` itself."""
-
-    def similar_images(image_id, k=MATCHES_K, min_score=MIN_SCORE):
-        if image_id is None:
-            return None
-        try:
-            found = open_index(db_path).similar(int(image_id), int(k), float(min_score))
-        except KeyError:
-            return None
-        return json.dumps([{"id": match_id, "score": score} for match_id, score in found])
-
-    def image_similarity(id_a, id_b):
-        if id_a is None or id_b is None:
-            return None
-        return open_index(db_path).similarity(int(id_a), int(id_b))
-
-    for arguments in (1, 2, 3):
-        conn.create_function("similar_images", arguments, similar_images)
-    conn.create_function("image_similarity", 2, image_similarity)
+def __getattr__(name: str):
+    if name in _ELSEWHERE:
+        return getattr(importlib.import_module(f".{_ELSEWHERE[name]}", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

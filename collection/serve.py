@@ -14,10 +14,10 @@ from pathlib import Path
 
 import datasette_plugins
 
+from .search import MAX_K  # the one cap on k (CLI, SQL functions, pages)
 PLUGINS_DIR = Path(datasette_plugins.__file__).resolve().parent
 # metadata.yml names the database "collection"; a --db of another name gets the same block.
 METADATA_DATABASE = "collection"
-MAX_K = 100
 
 MEDIA_TYPES = {
     "JPEG": "image/jpeg",

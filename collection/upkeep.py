@@ -1,20 +1,27 @@
 """What follows each committed batch, so that nothing derived lags behind the rows:
-similar-image search and ``matches`` (index.py) and the collection map (projection.py)."""
+similar-image search and its index (index.py), ``matches`` (matches.py) and the
+collection map (projection.py). Each step costs what the batch holds; the index builds
+and a first fill of ``matches`` run in background threads that nothing waits for."""
 
 from __future__ import annotations
 
 from . import duplicates, projection
-from .index import Indexer, update_matches
+from .index import Indexer
+from .matches import stop_filling, update_matches
 from .store import Store
 
 
 class Upkeep:
     """Call ``after_batch`` with the ids each batch wrote and ``after_delete`` with the
-    ids marked deleted; ``join`` before exiting lets a background index build finish."""
+    ids marked deleted; ``join`` before exiting. Exiting waits for no index build: one in
+    progress is abandoned with the process and its temporaries are removed at the next
+    start (searches stay exact meanwhile); a background fill of ``matches`` stops after
+    its chunk and resumes next time."""
 
     def __init__(self, store: Store, refresh_map: bool = True):
         self.store = store
         self.indexer = Indexer(store.path)
+        self.indexer.check()  # a collection from before segments gets its index at once
         # A long-running daemon recomputes the map when enough has changed; a one-off
         # `collection add` only places its images, since its process would not outlive
         # the recompute.
@@ -31,6 +38,7 @@ class Upkeep:
     def after_delete(self, ids: list[int]) -> None:
         update_matches(self.store, deleted_ids=ids)
         duplicates.update(self.store, ids)
+        self.indexer.check()  # deleted copies count toward compaction
 
     def join(self) -> None:
-        self.indexer.join()
+        stop_filling(self.store.path)

@@ -1,4 +1,4 @@
-"""The similar-images index: Annoy plus exact search over the newest rows, matches, SQL functions."""
+"""The similar-images index: Annoy segments plus exact search over the tail, matches, SQL functions."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from click.testing import CliRunner
 from collection.cli import cli
 from collection.index import (
     Indexer,
-    Searcher,
     build,
     index_path,
     open_index,
@@ -66,6 +65,10 @@ def exact(store: Store, image_id: int, k: int = 10, min_score: float = 0.0) -> l
     return [(i, -s) for s, i in ranked[:k]]
 
 
+def segment_files(db_path) -> list:
+    return sorted(index_path(db_path).glob("*.annoy"))
+
+
 def ids_of(found) -> list[int]:
     return [i for i, _ in found]
 
@@ -109,7 +112,8 @@ def test_cosine_is_one_minus_half_the_squared_angular_distance(store, db_path):
     add(store, vectors)
     build(db_path, n_trees=5)
     annoy = AnnoyIndex(vectors.shape[1], "angular")
-    annoy.load(str(index_path(db_path)))
+    [segment] = segment_files(db_path)
+    annoy.load(str(segment))
     match_id, distance = (x[1] for x in annoy.get_nns_by_item(1, 2, include_distances=True))
     assert open_index(db_path).similarity(1, match_id) == pytest.approx(1 - distance**2 / 2, abs=1e-5)
     annoy.unload()
@@ -170,23 +174,22 @@ def test_deleted_images_never_appear(store, db_path):
 def test_rebuild_replaces_the_file_while_a_reader_holds_the_old_one(store, db_path):
     ids = add(store, clustered(7, 300))
     build(db_path, n_trees=10)
-    path = index_path(db_path)
+    [path] = segment_files(db_path)
     searcher = open_index(db_path)
     searcher.similar(ids[0])
-    old_inode = path.stat().st_ino
     other = AnnoyIndex(32, "angular")  # a second reader, as another process would hold it
     other.load(str(path))
     before = other.get_nns_by_item(ids[0], 5)
 
     more = add(store, clustered(8, 100))
-    build(db_path, n_trees=10)
-    assert path.stat().st_ino != old_inode  # a new file, the old one untouched
-    assert other.get_nns_by_item(ids[0], 5) == before
+    build(db_path, n_trees=10, full=True)
+    assert not path.exists() and len(segment_files(db_path)) == 1  # a new file, the old one unlinked
+    assert other.get_nns_by_item(ids[0], 5) == before  # and still mapped, intact
     assert other.get_n_items() == max(ids) + 1
     other.unload()
     status = searcher.status()
-    assert (status["indexed"], status["unindexed"]) == (400, 0)  # the reader moved over
-    assert not [p for p in os.listdir(db_path.parent) if p.endswith(".tmp")]
+    assert (status["indexed"], status["unindexed"], status["segments"]) == (400, 0, 1)  # the reader moved over
+    assert not [p for p in os.listdir(index_path(db_path)) if p.endswith(".tmp")]
     assert_exact(store, searcher, [ids[0], more[0]], k=5)
 
 
@@ -195,7 +198,7 @@ def test_queries_go_on_during_a_background_rebuild(store, db_path):
     build(db_path, n_trees=5)
     add(store, clustered(19, 200))
     searcher = open_index(db_path)
-    indexer = Indexer(db_path, n_trees=20, share=0.1, count=100, minimum=1)
+    indexer = Indexer(db_path, n_trees=20, segment_min=100)
     assert indexer.check()
 
     def on_the_new_file():
@@ -207,23 +210,6 @@ def test_queries_go_on_during_a_background_rebuild(store, db_path):
     assert_exact(store, searcher, ids[:3])
 
 
-def test_a_file_its_record_does_not_describe_is_not_used(store, db_path):
-    ids = add(store, clustered(20, 200))
-    build(db_path, n_trees=5)
-    searcher = open_index(db_path)
-    searcher.similar(ids[0])
-    stray = AnnoyIndex(32, "angular")  # as a builder's file is between its replace and its commit
-    stray.add_item(0, [1.0] * 32)
-    stray.build(1)
-    stray.save(f"{index_path(db_path)}.stray")
-    os.replace(f"{index_path(db_path)}.stray", index_path(db_path))
-    assert_exact(store, searcher, ids[:3])  # a reader keeps the file it has
-    fresh = Searcher(db_path)
-    assert_exact(store, fresh, ids[:3])  # a new one searches exactly until a build records a file
-    assert fresh.status()["indexed"] == 0
-    fresh.close()
-
-
 def test_the_same_seed_gives_the_same_index(tmp_path):
     vectors = clustered(9, 500)
     results = []
@@ -231,12 +217,12 @@ def test_the_same_seed_gives_the_same_index(tmp_path):
         (tmp_path / name).mkdir()
         store = Store(tmp_path / name / "collection.db")
         ids = add(store, vectors)
-        build(store.path, n_trees=10, seed=42)
+        build(store.path, n_trees=10, seed=42, n_jobs=1)
         searcher = open_index(store.path)
         results.append([searcher.similar(i, 10) for i in ids[::25]])
         store.close()
     assert results[0] == results[1]
-    files = [index_path(tmp_path / name / "collection.db").read_bytes() for name in ("a", "b")]
+    files = [segment_files(tmp_path / name / "collection.db")[0].read_bytes() for name in ("a", "b")]
     assert files[0] == files[1]
 
 
@@ -310,8 +296,8 @@ def test_update_matches_prunes_the_change_log_once_indexed(store, db_path):
     store.mark_deleted(ids[:3])
     assert store.db.execute("select count(*) from vector_changes").fetchone()[0] == 3
     update_matches(store, deleted_ids=ids[:3])
-    assert store.db.execute("select count(*) from vector_changes").fetchone()[0] == 3  # not yet in the file
-    build(db_path, n_trees=5)
+    assert store.db.execute("select count(*) from vector_changes").fetchone()[0] == 3  # not yet in the index
+    build(db_path, n_trees=5, full=True)
     assert store.db.execute("select count(*) from vector_changes").fetchone()[0] == 0
 
 
@@ -351,8 +337,8 @@ def test_similar_to_vector_checks_dimensions(store, db_path):
         open_index(db_path).similar_to_vector(np.ones(5), 3)
 
 
-def test_indexer_rebuilds_in_the_background_past_the_threshold(store, db_path):
-    indexer = Indexer(db_path, n_trees=5, share=0.5, count=1000, minimum=10)
+def test_indexer_builds_in_the_background_past_the_threshold(store, db_path):
+    indexer = Indexer(db_path, n_trees=5, segment_min=10)
     add(store, clustered(15, 8))
     assert not indexer.check()  # under the minimum: exact search is enough
     add(store, clustered(16, 40))
@@ -360,9 +346,9 @@ def test_indexer_rebuilds_in_the_background_past_the_threshold(store, db_path):
     indexer.join(60)
     assert index_path(db_path).exists()
     assert open_index(db_path).status()["unindexed"] == 0
-    add(store, clustered(17, 10))
-    assert not indexer.check()  # 10 of 58 is under half
-    assert [b["index_items"] for b in indexer.builds] == [48]
+    add(store, clustered(17, 9))
+    assert not indexer.check()  # 9 in the tail: under the minimum
+    assert [b["built"]["items"] for b in indexer.builds] == [48]
 
 
 def test_cli_add_index_and_similar(tmp_path, images_dir, db_path):
