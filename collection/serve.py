@@ -1,15 +1,18 @@
-"""Serve the collection with Datasette: where the plugin and metadata live, and the
-blocking work the plugin runs off the event loop (page data, reading image files).
+"""Serve the collection with Datasette: the plugins and metadata it needs, and the
+blocking work the plugins run off the event loop (page data, reading image files).
 
-Nothing here imports TensorFlow: the plugin imports this module.
+Nothing here imports TensorFlow: the plugins import this module.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
+import shutil
 import sqlite3
 import stat
+import sys
 from pathlib import Path
 
 import datasette_plugins
@@ -57,27 +60,64 @@ def load_metadata(path: str | Path | None, database: str) -> dict:
     return metadata
 
 
-def open_datasette(db_path: str | Path, metadata_path: str | Path | None = None, **kwargs):
-    """A Datasette for one collection database, with the plugin and the metadata."""
-    from datasette.app import Datasette
-
-    return Datasette(
-        [str(db_path)],
-        metadata=load_metadata(metadata_path, Path(db_path).stem),
-        plugins_dir=str(PLUGINS_DIR),
-        **kwargs,
+def plugin_modules() -> list[str]:
+    """The collection's Datasette plugins: the package (it carries templates/ and static/)
+    and every ``*_plugin.py`` module in it, as pyproject.toml's entry points list them."""
+    return ["datasette_plugins"] + sorted(
+        f"datasette_plugins.{path.stem}" for path in PLUGINS_DIR.glob("*_plugin.py")
     )
 
 
-def run(db_path: str | Path, host: str, port: int, metadata_path: str | Path | None) -> None:
-    """Start Datasette the way `datasette serve` does, and block until stopped."""
+def register_plugins() -> None:
+    """Register the plugins that Datasette's entry points have not: an installed project
+    has them all already; a checkout run without installing (PYTHONPATH) needs this."""
+    from datasette.plugins import pm
+
+    for name in plugin_modules():
+        module = importlib.import_module(name)
+        if not pm.is_registered(module):
+            pm.register(module, name=name)
+
+
+def open_datasette(db_path: str | Path, metadata_path: str | Path | None = None, **kwargs):
+    """A Datasette for one collection database, with the plugins and the metadata."""
+    from datasette.app import Datasette
+
+    register_plugins()
+    return Datasette(
+        [str(db_path)], metadata=load_metadata(metadata_path, Path(db_path).stem), **kwargs
+    )
+
+
+def run(
+    db_path: str | Path, host: str, port: int, metadata_path: str | Path | None, access_log: bool = False
+) -> None:
+    """Start Datasette the way `datasette serve` does, and block until stopped. Without
+    ``access_log`` only start-up and errors are logged: a page of thumbnails is dozens of
+    requests, and their lines would bury the watcher's status line under `collection start`."""
     import asyncio
 
     import uvicorn
 
     ds = open_datasette(db_path, metadata_path)
     asyncio.run(ds.invoke_startup())
-    uvicorn.run(ds.app(), host=host, port=port, log_level="info", lifespan="on")
+    uvicorn.run(ds.app(), host=host, port=port, log_level="info", lifespan="on", access_log=access_log)
+
+
+def cli_command() -> str:
+    """How a person runs `collection` from the folder they started it in: the bare name
+    when it is on their PATH, else the path of the one beside this Python (`make run`'s
+    .venv/bin/collection), so every hint a page gives is a command that works."""
+    here = Path(sys.executable).parent / "collection"
+    on_path = shutil.which("collection")
+    if on_path and (not here.exists() or Path(on_path).resolve() == here.resolve()):
+        return "collection"
+    if not here.exists():
+        return f"{Path(sys.executable).name} -m collection"
+    try:
+        return str(here.relative_to(Path.cwd()))
+    except ValueError:
+        return str(here)
 
 
 # --- request parameters -------------------------------------------------------------
@@ -156,6 +196,20 @@ def similar_page(conn: sqlite3.Connection, image_id: int, neighbours: list[tuple
     for row in (image, *similar):
         row["name"] = os.path.basename(row["path"])
     return {"image": image, "labels": labels, "similar": similar}
+
+
+def collection_totals(conn: sqlite3.Connection) -> dict:
+    """What the collection holds now, whoever added it: the status page shows these beside
+    the watcher's own counters, so a restarted watcher's zeros never look like data lost."""
+    one = lambda sql: conn.execute(sql).fetchone()[0]  # noqa: E731
+    failure = _dicts(conn.execute("select path, error, at from failures order by at desc limit 1"))
+    return {
+        "images": one("select count(*) from images where deleted_at is null"),
+        "deleted": one("select count(*) from images where deleted_at is not null"),
+        "failures": one("select count(*) from failures"),
+        "last_added": one("select max(added_at) from images"),
+        "last_failure": failure[0] if failure else None,
+    }
 
 
 def index_status(status: dict) -> dict:

@@ -254,6 +254,17 @@ def m011_duplicates(db: sqlite_utils.Database) -> None:
         db.execute(f"create trigger {trigger}")
 
 
+@migrations()
+def m013_live_images(db: sqlite_utils.Database) -> None:
+    """``live_images``: the images whose files are still there. Pages, canned queries and
+    SQL that browse or search read it, so a deleted file drops out of them, while
+    ``images`` keeps every row with its ``deleted_at`` for the history."""
+    db.execute("create view live_images as select * from images where deleted_at is null")
+    # The gallery's label filter pages through a label's images newest first: on this
+    # index that is a range scan. m009 makes the same index under the same name.
+    db.execute("create index if not exists labels_label_image on labels (label, image_id)")
+
+
 # The columns of ``images`` that come from the file itself (images.Decoded.metadata()).
 _METADATA = ("sha256", "size", "width", "height", "format", "taken_at", "camera", "latitude", "longitude")
 

@@ -44,6 +44,7 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
+from . import live
 from .upkeep import Upkeep
 from .ingest import IGNORE, Ingester, Summary, ignored, iter_files, wanted
 from .models import Model
@@ -147,7 +148,7 @@ class Watcher:
         self.recheck = recheck  # how often a missing or replaced folder is looked for
         self.poll_interval = poll_interval
         self.echo = echo or (lambda message: print(message, file=sys.stderr))
-        self.report = report
+        self.report, self.echo = live.recording(db_path, report, self.echo)  # for /-/status
         self.stats = Stats()
         self.ready = threading.Event()
         self._events: queue.Queue[FileSystemEvent] = queue.Queue()

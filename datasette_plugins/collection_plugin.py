@@ -1,49 +1,40 @@
-"""Datasette plugin for a collection: thumbnails in cells, full-size images, similar-image
-pages and the similarity SQL functions.
+"""Datasette plugin for a collection: the home page's links, the gallery, image pages,
+live status, thumbnails in cells, full-size images, similar-image pages and the
+similarity SQL functions.
 
-Thin on purpose: the logic lives in ``collection.serve`` and ``collection.index``, and
-nothing here imports TensorFlow. Requests name images by id only; no part of a request
-path ever reaches the filesystem.
+Thin on purpose: the logic lives in ``collection.serve``, ``collection.gallery``,
+``collection.live`` and ``collection.index``, and nothing here imports TensorFlow.
+Requests name images by id only; no part of a request path ever reaches the filesystem.
+Templates and static files are Datasette's own plugin folders (``templates/`` and
+``static/`` beside this package), found through the entry points in pyproject.toml.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 import weakref
+from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import urlencode
 
 from datasette import Response, hookimpl
+from datasette.plugins import get_plugins, pm
 from datasette.utils.asgi import BadRequest, NotFound
-from jinja2 import ChoiceLoader, FileSystemLoader
 from markupsafe import Markup
 
-from collection import serve
+from collection import gallery, live, serve
 from collection.index import open_index, register_functions
 
-TEMPLATES = Path(__file__).resolve().parent / "templates"
+STATIC = Path(__file__).resolve().parent / "static"
 ID = r"(?P<id>[0-9]{1,18})"  # at most 18 digits: always fits SQLite's 64-bit integer
 ID_COLUMNS = {"image_id", "match_id"}  # in the collection's tables and in query results
+IMAGE_TABLES = ("images", "live_images")
+SIMILAR_STRIP = 12  # neighbours on an image page
+# Formats a browser shows; an image page previews others by their thumbnail.
+WEB_FORMATS = {"JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP"}
 
-CSS = """
-.collection-cell { display: flex; flex-direction: column; align-items: flex-start; gap: 0.25em; }
-.collection-path-cell { min-width: 12em; max-width: 24em; }
-.collection-thumb { max-width: 128px; max-height: 96px; border-radius: 3px; display: block; }
-.collection-path { overflow-wrap: anywhere; font-size: 0.9em; }
-.collection-similar { white-space: nowrap; font-size: 0.85em; }
-.collection-hero { display: flex; flex-wrap: wrap; gap: 1.5em; align-items: flex-start; }
-.collection-hero img { max-width: 256px; max-height: 256px; border-radius: 4px; }
-.collection-grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr));
-  gap: 1em; padding: 0; margin: 1em 0; list-style: none; }
-.collection-grid figure { margin: 0; padding: 0.5em; border: 1px solid #ddd; border-radius: 4px;
-  background: #fafafa; }
-.collection-grid img { width: 100%; height: 150px; object-fit: contain; display: block; }
-.collection-grid figcaption { font-size: 0.85em; margin-top: 0.4em; overflow-wrap: anywhere; }
-.collection-score { font-weight: bold; font-variant-numeric: tabular-nums; }
-.collection-status { color: #555; font-size: 0.9em; }
-.collection-form { margin: 1em 0; display: flex; flex-wrap: wrap; gap: 1em; align-items: center; }
-.collection-form label { width: auto; font-weight: normal; }
-.collection-form input[type=number] { width: 5em; }
-"""
 
 # Which database of a Datasette instance is the collection, once found.
 _collections: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -90,13 +81,6 @@ def prepare_connection(conn, database, datasette):
 
 
 @hookimpl
-def prepare_jinja2_environment(env):
-    # A --plugins-dir plugin gets no templates folder of its own; add ours after the
-    # existing ones, so a --template-dir can still override collection_*.html.
-    env.loader = ChoiceLoader([env.loader, FileSystemLoader(str(TEMPLATES))])
-
-
-@hookimpl
 def startup(datasette):
     # Datasette 0.65's default error handler asks rich (which keras installs) to print
     # the exception being handled; for a plain 404 there is none, rich raises, and every
@@ -106,20 +90,98 @@ def startup(datasette):
     default_handler.rich = None
 
 
+def static_url(datasette, file: str) -> str:
+    """The URL Datasette serves ``static/<file>`` at: /-/static-plugins/<name>/, where the
+    name is the distribution's when installed and the package's when run from a checkout."""
+    for plugin in get_plugins():
+        if plugin["static_path"] and Path(plugin["static_path"]) == STATIC:
+            return datasette.urls.static_plugins(plugin["name"], file)
+    raise LookupError(f"no plugin serves {STATIC}")
+
+
 @hookimpl
 def extra_css_urls(datasette):
-    return [datasette.urls.path("/-/collection.css")]
+    return [static_url(datasette, "collection.css")]
+
+
+@hookimpl
+def extra_js_urls(datasette):
+    return [{"url": static_url(datasette, "collection.js"), "module": False}]
+
+
+@hookimpl
+def menu_links(datasette):
+    async def inner():
+        if await collection_name(datasette) is None:
+            return []
+        return [
+            {"href": datasette.urls.path(path), "label": label}
+            for path, label in (("/-/gallery", "Gallery"), ("/-/status", "Watcher status"))
+        ]
+
+    return inner
+
+
+@hookimpl
+def extra_template_vars(template, datasette):
+    if template != "index.html":
+        return None
+
+    async def inner():
+        name = await collection_name(datasette)
+        if name is None:
+            return {}
+        db = datasette.get_database(name)
+        tables = set(await db.table_names()) | set(await db.view_names())
+        hidden = set(await db.hidden_table_names()) | {t for t in tables if t.startswith("sqlite_")}
+        return {
+            "collection": {
+                "name": name,
+                "pages": home_pages(datasette),
+                "tables": [
+                    {"name": t, "url": datasette.urls.table(name, t)}
+                    for t in HOME_TABLES
+                    if t in tables and t not in hidden
+                ],
+                "more": sorted(tables - hidden - set(HOME_TABLES)),
+            }
+        }
+
+    return inner
+
+
+# The tables the home page lists, in this order, before any others: the ones a person
+# browsing a collection opens (the rest stay one click away on the database page).
+HOME_TABLES = ("live_images", "images", "labels", "matches", "failures", "ingest_log")
+
+
+def home_pages(datasette) -> list[dict]:
+    """The collection's own pages, as the home page leads with them."""
+    urls = datasette.urls
+    pages = [
+        ("Gallery", "/-/gallery", "every image, newest first, by label, format, camera, year or place"),
+        ("Map", "/-/map", "the collection laid out by similarity"),
+    ]
+    if "datasette_plugins.duplicates_plugin" in {p.__name__ for p in pm.get_plugins()}:
+        pages.append(("Duplicates", "/-/duplicates", "near-identical images"))
+    pages += [
+        ("Search by label", "/-/gallery#search", "images the model gave a label"),
+        ("Watcher status", "/-/status", "what the watcher is doing now, and how current the index and map are"),
+    ]
+    return [{"label": label, "href": urls.path(path), "about": about} for label, path, about in pages]
 
 
 @hookimpl
 def register_routes():
     return [
-        (r"^/-/collection\.css$", css),
+        (r"^/-/gallery$", gallery_page),
+        (rf"^/-/gallery/{ID}$", image_page),
+        (r"^/-/status(?P<format>\.json)?$", status),
         (rf"^/-/thumbnail/{ID}\.jpg$", thumbnail),
         (rf"^/-/image/{ID}$", image),
         (rf"^/-/similar/{ID}(?P<format>\.json)?$", similar),
         # Anything else under these prefixes: a 404 that says how images are addressed.
-        (r"^/-/(?:thumbnail|image|similar)/(?P<rest>.*)$", not_an_image),
+        (r"^/-/(?:thumbnail|image|similar|gallery)/(?P<rest>.*)$", not_an_image),
     ]
 
 
@@ -129,13 +191,8 @@ def render_cell(row, value, column, table, database, datasette):
         if database != await collection_name(datasette):
             return None
         urls = datasette.urls
-        if table == "images" and column == "path":
-            image_id = _get(row, "id")
-            return None if image_id is None else _image_cell(urls, image_id, value)
-        if table == "images" and column == "id":  # the row page; tables show it as the link
-            return Markup('{} <a class="collection-similar" href="{}">similar images</a>').format(
-                value, urls.path(f"/-/similar/{value}")
-            )
+        if table in IMAGE_TABLES:
+            return _images_cell(urls, row, column, value)
         if table == "thumbnails" and column == "jpeg":
             image_id = _get(row, "image_id")
             return None if image_id is None else _thumb(urls, image_id)
@@ -153,8 +210,123 @@ def render_cell(row, value, column, table, database, datasette):
 # --- routes ----------------------------------------------------------------------------
 
 
-async def css():
-    return Response(CSS, content_type="text/css; charset=utf-8")
+async def gallery_page(datasette, request):
+    db = await collection_db(datasette, request)
+    try:
+        filters = gallery.Filters.from_args(request.args)
+        before = gallery.parse_before(request.args.get("before"))
+    except gallery.BadFilter as e:
+        raise BadRequest(str(e)) from None
+
+    def query(conn):
+        return gallery.page(conn, filters, before), gallery.options(conn, db.path)
+
+    found, options = await db.execute_fn(query)
+    urls = datasette.urls
+
+    def link(**changes) -> str:
+        return urls.path("/-/gallery") + _query(filters.query(**changes))
+
+    for card in found["images"]:
+        card["page_url"] = urls.path(f"/-/gallery/{card['id']}")
+        card["thumbnail_url"] = urls.path(f"/-/thumbnail/{card['id']}.jpg")
+        card["label_urls"] = [(label, link(label=label)) for label in card["labels"][:3]]
+    return Response.html(
+        await datasette.render_template(
+            "collection_gallery.html",
+            {
+                **found,
+                "filters": filters,
+                "options": options,
+                "chips": [(label, n, link(label=label)) for label, n in gallery.label_chips(found["images"])],
+                "clear": {name: link(**{name: None}) for name in ("label", "format", "camera", "year", "place")},
+                "next_url": link(before=found["before"]) if found["before"] else None,
+                "first_url": link() if before is not None else None,
+                "database": db.name,
+                "table_url": urls.table(db.name, "live_images"),
+            },
+            request=request,
+        )
+    )
+
+
+async def image_page(datasette, request):
+    db = await collection_db(datasette, request)
+    image_id = int(request.url_vars["id"])
+
+    def query(conn):
+        row = gallery.image(conn, image_id)
+        if row is None or row["deleted_at"] is not None:
+            return row, []
+        neighbours = open_index(db.path).similar(image_id, k=SIMILAR_STRIP)
+        known = gallery.names(conn, [n for n, _ in neighbours])
+        return row, [{**known[n], "score": score} for n, score in neighbours if n in known]
+
+    row, similar_rows = await db.execute_fn(query)
+    if row is None:
+        raise NotFound(f"No image {image_id} in the collection")
+    urls = datasette.urls
+    for other in similar_rows:
+        other["page_url"] = urls.path(f"/-/gallery/{other['id']}")
+        other["thumbnail_url"] = urls.path(f"/-/thumbnail/{other['id']}.jpg")
+    deleted = row["deleted_at"] is not None
+    full = urls.path(f"/-/image/{image_id}")
+    return Response.html(
+        await datasette.render_template(
+            "collection_image.html",
+            {
+                "image": row,
+                "deleted": deleted,
+                "similar": similar_rows,
+                "preview_url": full if (row["format"] or "").upper() in WEB_FORMATS else urls.path(f"/-/thumbnail/{image_id}.jpg"),
+                "full_url": full,
+                "similar_url": urls.path(f"/-/similar/{image_id}"),
+                "map_url": urls.path("/-/map"),
+                "row_url": urls.row(db.name, "images", str(image_id)),
+                "gallery_url": urls.path("/-/gallery"),
+                "label_url": lambda label: urls.path("/-/gallery") + _query({"label": label}),
+                "size": _bytes(row["size"]),
+                "modified": _when(row["mtime"]),
+                "database": db.name,
+            },
+            request=request,
+        ),
+        status=200,
+    )
+
+
+async def status(datasette, request):
+    db = await collection_db(datasette, request)
+
+    def query(conn):
+        return serve.collection_totals(conn), serve.index_status(open_index(db.path).status())
+
+    totals, index = await db.execute_fn(query)
+    from collection import projection  # the map's summary; no TensorFlow
+
+    state = {
+        "watcher": live.read(db.path),
+        "collection": totals,
+        "index": index,
+        "map": await db.execute_fn(projection.summary),
+        "at": time.time(),
+    }
+    if request.url_vars.get("format"):
+        return Response.json(state)
+    return Response.html(
+        await datasette.render_template(
+            "collection_status.html",
+            {
+                **state,
+                "json_url": datasette.urls.path("/-/status.json"),
+                "failures_url": datasette.urls.table(db.name, "failures"),
+                "cli": serve.cli_command(),
+                "db_file": Path(db.path).name,
+                "database": db.name,
+            },
+            request=request,
+        )
+    )
 
 
 async def not_an_image(request):
@@ -210,7 +382,18 @@ async def similar(datasette, request):
     try:
         page = await db.execute_fn(query)
     except KeyError:
-        raise NotFound(f"No image {image_id} in the collection") from None
+        row = await db.execute_fn(lambda conn: gallery.image(conn, image_id))
+        if row is None:
+            raise NotFound(f"No image {image_id} in the collection") from None
+        # A deleted image (an old link, a bookmark): its page says so and keeps its history.
+        page_url = datasette.urls.path(f"/-/gallery/{image_id}")
+        if request.url_vars.get("format"):
+            return Response.json(
+                {"error": f"The file of image {image_id} was deleted on {row['deleted_at']}; "
+                          "it has no similar images", "image_url": page_url, "deleted_at": row["deleted_at"]},
+                status=404,
+            )
+        return Response.redirect(page_url)
     page.update(k=k, min_score=min_score)
     urls = datasette.urls
     for row in (page["image"], *page["similar"]):
@@ -247,16 +430,92 @@ def _as_id(value) -> int | None:
 
 def _thumb(urls, image_id: int) -> Markup:
     return Markup(
-        '<a href="{}" title="Full size"><img class="collection-thumb" src="{}" alt="image {}" '
+        '<a href="{}" title="Image {}"><img class="collection-thumb" src="{}" alt="image {}" '
         'loading="lazy"></a>'
-    ).format(urls.path(f"/-/image/{image_id}"), urls.path(f"/-/thumbnail/{image_id}.jpg"), image_id)
+    ).format(urls.path(f"/-/gallery/{image_id}"), image_id, urls.path(f"/-/thumbnail/{image_id}.jpg"), image_id)
 
 
-def _image_cell(urls, image_id: int, path: str) -> Markup:
-    return Markup(
-        '<div class="collection-cell collection-path-cell">{}<span class="collection-path">{}</span>'
-        '<a class="collection-similar" href="{}">similar images</a></div>'
-    ).format(_thumb(urls, image_id), path, urls.path(f"/-/similar/{image_id}"))
+def _images_cell(urls, row, column: str, value) -> Markup | None:
+    """The images table (and live_images) made readable: the thumbnail with its file name
+    and labels beside it, hashes shortened, times and sizes for people."""
+    image_id = _get(row, "id")
+    if column == "path" and image_id is not None and isinstance(value, str):
+        folder, _, name = value.rpartition("/")
+        gone = _value(row, "deleted_at")
+        return Markup(
+            '<div class="collection-cell collection-path-cell">{}<span class="collection-path">'
+            '<strong>{}</strong><br><small>{}/</small></span>{}{}</div>'
+        ).format(
+            Markup('<span class="collection-deleted">file deleted</span>') if gone else _thumb(urls, image_id),
+            name,
+            folder,
+            _chips(urls, _value(row, "labels")),
+            Markup("") if gone else Markup('<a class="collection-similar" href="{}">similar images</a>').format(
+                urls.path(f"/-/similar/{image_id}")
+            ),
+        )
+    if column == "id" and isinstance(value, int):  # the row page; tables show it as the link
+        return Markup('{} <a class="collection-similar" href="{}">image page</a>').format(
+            value, urls.path(f"/-/gallery/{value}")
+        )
+    if column == "labels" and isinstance(value, str):
+        return _chips(urls, value)
+    if column == "sha256" and isinstance(value, str) and len(value) > 12:
+        return Markup('<code title="{}">{}…</code>').format(value, value[:12])
+    if column == "mtime" and isinstance(value, (int, float)):
+        return Markup('<span title="{}">{}</span>').format(value, _when(value))
+    if column == "size" and isinstance(value, int):
+        return Markup('<span title="{:,} bytes">{}</span>').format(value, _bytes(value))
+    if column == "top_score" and isinstance(value, float):
+        return Markup("{:.3f}").format(value)
+    if column == "deleted_at" and value:
+        return Markup('<span class="collection-deleted">deleted {}</span>').format(value)
+    return None
+
+
+def _chips(urls, labels_json) -> Markup:
+    """A JSON array of labels as links to the gallery filtered by each."""
+    try:
+        labels = json.loads(labels_json) if isinstance(labels_json, str) else []
+    except ValueError:
+        return Markup("")
+    if not isinstance(labels, list):
+        return Markup("")
+    return Markup('<span class="collection-chips">{}</span>').format(
+        Markup("").join(
+            Markup('<a class="collection-chip" href="{}">{}</a>').format(
+                urls.path("/-/gallery") + _query({"label": str(label)}), str(label)
+            )
+            for label in labels[:5]
+        )
+    )
+
+
+def _value(row, key):
+    try:
+        return row[key]
+    except (IndexError, KeyError):
+        return None
+
+
+def _query(params: dict) -> str:
+    return "?" + urlencode(params) if params else ""
+
+
+def _when(unix) -> str | None:
+    if not isinstance(unix, (int, float)):
+        return None
+    return datetime.fromtimestamp(unix, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _bytes(n) -> str | None:
+    if not isinstance(n, int):
+        return None
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:,} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return None
 
 
 def _id_cell(datasette, database: str, image_id: int) -> Markup:

@@ -4,6 +4,7 @@ pages, facets, canned queries, SQL functions, escaping and file safety."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import socket
 import sqlite3
@@ -22,7 +23,7 @@ from datasette.app import Datasette
 
 from collection import images
 from collection.index import build
-from collection.serve import PLUGINS_DIR, find_metadata, load_metadata
+from collection.serve import PLUGINS_DIR, find_metadata, load_metadata, plugin_modules, register_plugins
 from collection.store import Store
 
 from conftest import make_image, wait_until
@@ -89,7 +90,8 @@ def add_row(store: Store, path: Path, vector, labels, **metadata) -> int:
 def make_datasette(db_path: Path, **metadata_changes) -> Datasette:
     metadata = load_metadata(ROOT / "metadata.yml", db_path.stem)
     metadata.update(metadata_changes)
-    return Datasette([str(db_path)], metadata=metadata, plugins_dir=str(PLUGINS_DIR))
+    register_plugins()  # what the entry points do for an installed project
+    return Datasette([str(db_path)], metadata=metadata)
 
 
 @pytest.fixture
@@ -152,18 +154,28 @@ async def raw_get(ds: Datasette, raw_path: bytes) -> tuple[int, bytes]:
 
 def test_plugin_loads_without_tensorflow(collection):
     code = (
-        "import sys; from datasette.app import Datasette; "
-        "from collection.serve import PLUGINS_DIR; "
-        f"ds = Datasette([{str(collection[0])!r}], plugins_dir=str(PLUGINS_DIR)); "
+        "import sys; from collection.serve import open_datasette; "
+        f"ds = open_datasette({str(collection[0])!r}); "
         "from datasette.plugins import get_plugins; "
-        "names = [p['name'] for p in get_plugins()]; "
-        "assert names.count('collection_plugin.py') == 1, names; "
+        "found = {p['name']: p for p in get_plugins()}; "
+        "assert 'datasette_plugins.collection_plugin' in found or 'collection' in found, found; "
+        "assert any(p['templates_path'] and p['templates_path'].endswith('templates') "
+        "and p['static_path'] for p in found.values()), found; "
         "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules; "
         "assert 'collection.models' not in sys.modules; print('ok')"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_every_plugin_module_has_an_entry_point():
+    """An installed project loads its plugins only through pyproject's entry points."""
+    import tomllib
+
+    entry_points = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["datasette"]
+    assert sorted(entry_points.values()) == sorted(plugin_modules())
+    assert (PLUGINS_DIR / "templates").is_dir() and (PLUGINS_DIR / "static" / "collection.css").is_file()
 
 
 def test_metadata_and_plugins_found_from_package():
@@ -276,9 +288,17 @@ async def test_any_unknown_url_is_a_404_page(ds, path):
 
 
 @pytest.mark.asyncio
-async def test_deleted_image_similar_page_is_404(ds, collection):
-    response = await ds.client.get(f"/-/similar/{collection[2]['gone.jpg']}")
+async def test_deleted_image_similar_link_leads_to_its_page(ds, collection):
+    gone = collection[2]["gone.jpg"]
+    response = await ds.client.get(f"/-/similar/{gone}")
+    assert response.status_code == 302  # an old link still leads somewhere that explains
+    assert response.headers["location"] == f"/-/gallery/{gone}"
+    page = await ds.client.get(f"/-/gallery/{gone}")
+    assert page.status_code == 200
+    assert "File deleted" in page.text and "Similar images" not in page.text
+    response = await ds.client.get(f"/-/similar/{gone}.json")
     assert response.status_code == 404
+    assert "deleted" in response.json()["error"] and response.json()["image_url"] == f"/-/gallery/{gone}"
 
 
 @pytest.mark.asyncio
@@ -323,9 +343,14 @@ async def test_images_table_has_thumbnails_and_similar_links(ds, collection):
     _, _, ids = collection
     html = (await ds.client.get("/collection/images")).text
     for name, image_id in ids.items():
+        if name == "gone.jpg":  # its file is gone: said so, and no link that leads nowhere
+            assert f'src="/-/thumbnail/{image_id}.jpg"' not in html
+            assert f'href="/-/similar/{image_id}"' not in html
+            continue
         assert f'<img class="collection-thumb" src="/-/thumbnail/{image_id}.jpg"' in html
         assert f'<a class="collection-similar" href="/-/similar/{image_id}">' in html
-        assert f'href="/-/image/{image_id}"' in html
+        assert f'href="/-/gallery/{image_id}"' in html  # the thumbnail and the id lead to its page
+    assert html.count("file deleted") == 1
     row = (await ds.client.get(f"/collection/images/{ids['cat1.jpg']}")).text
     assert f'src="/-/thumbnail/{ids["cat1.jpg"]}.jpg"' in row
     assert f'href="/-/similar/{ids["cat1.jpg"]}"' in row
@@ -658,3 +683,159 @@ def test_serve_command_starts_datasette_on_localhost(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+# --- home page, gallery, image pages, status -------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_home_page_leads_with_the_collections_pages_then_its_tables(ds):
+    html = (await ds.client.get("/")).text.split('<ul class="collection-home">')[1]  # after the menu
+    links = [html.index(f'href="{path}"') for path in ("/-/gallery", "/-/map", "/-/status")]
+    assert links == sorted(links)
+    tables = html.index('href="/collection/live_images"')
+    assert links[-1] < tables < html.index('href="/collection/images"')
+    assert "_sqlite_migrations" not in html and "..." not in html
+    database = (await ds.client.get("/collection")).text
+    assert "_sqlite_migrations" not in database.split("hidden tables")[0]
+
+
+@pytest.mark.asyncio
+async def test_gallery_shows_live_images_newest_first_and_pages(ds, collection):
+    _, _, ids = collection
+    html = (await ds.client.get("/-/gallery")).text
+    shown = [int(n) for n in re.findall(r'href="/-/gallery/(\d+)" title=', html)]
+    live = sorted((i for name, i in ids.items() if name != "gone.jpg"), reverse=True)
+    assert shown == live
+    assert 'class="collection-chip" href="/-/gallery?label=tabby"' in html
+    html = (await ds.client.get("/-/gallery?before=" + str(live[1]))).text
+    assert [int(n) for n in re.findall(r'href="/-/gallery/(\d+)" title=', html)] == live[2:]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "query, expected",
+    [
+        ("label=tabby", ["cat1.jpg", "cat2.jpg", "dog.png", HOSTILE]),  # gone.jpg is a tabby too
+        ("label=lynx", ["cat2.jpg", HOSTILE]),
+        ("format=PNG", ["dog.png"]),
+        ("camera=Pixel+7", ["car.jpg", HOSTILE]),
+        ("year=2021", ["cat1.jpg", "cat2.jpg", HOSTILE]),
+        ("label=tabby&year=2021&camera=Canon+EOS+5D", ["cat1.jpg", "cat2.jpg"]),
+        ("place=1", []),
+        ("label=nothing-has-this", []),
+    ],
+)
+async def test_gallery_filters(ds, collection, query, expected):
+    _, _, ids = collection
+    html = (await ds.client.get(f"/-/gallery?{query}")).text
+    shown = [int(n) for n in re.findall(r'href="/-/gallery/(\d+)" title=', html)]
+    assert shown == sorted((ids[name] for name in expected), reverse=True)
+    if not expected:
+        assert "No images match these filters" in html
+
+
+@pytest.mark.asyncio
+async def test_gallery_label_filter_pages_by_keyset(ds, collection):
+    from collection import gallery
+
+    _, _, ids = collection
+    db = ds.get_database("collection")
+    tabbies = sorted((ids[n] for n in ("cat1.jpg", "cat2.jpg", "dog.png", HOSTILE)), reverse=True)
+    filters = gallery.Filters(label="tabby")
+    first = await db.execute_fn(lambda conn: gallery.page(conn, filters, None, size=3))
+    assert [r["id"] for r in first["images"]] == tabbies[:3] and first["before"] == tabbies[2]
+    rest = await db.execute_fn(lambda conn: gallery.page(conn, filters, first["before"], size=3))
+    assert [r["id"] for r in rest["images"]] == tabbies[3:] and rest["before"] is None
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("query", ["year=20x1", "year=99999", "before=abc", "before=-1", "label=" + "x" * 300])
+async def test_gallery_refuses_bad_parameters(ds, query):
+    response = await ds.client.get(f"/-/gallery?{query}")
+    assert response.status_code == 400
+
+
+@pytest.mark.asyncio
+async def test_gallery_pages_are_read_from_indexes(collection):
+    """Each gallery query walks an index in order: no full scan, no sort of all rows."""
+    from collection import gallery
+
+    conn = sqlite3.connect(collection[0])
+    for filters in (gallery.Filters(), gallery.Filters(format="JPEG"), gallery.Filters(label="tabby")):
+        captured = []
+        conn.set_trace_callback(captured.append)
+        gallery.page(conn, filters, before=5)
+        conn.set_trace_callback(None)
+        sql = captured[-1]
+        plan = " | ".join(row[3] for row in conn.execute("explain query plan " + sql))
+        assert "USE TEMP B-TREE FOR ORDER BY" not in plan, plan
+        assert "SCAN i" not in plan or "INTEGER PRIMARY KEY" in plan or "rowid" in plan.lower(), plan
+
+
+@pytest.mark.asyncio
+async def test_image_page_shows_preview_labels_exif_and_similar_strip(ds, collection):
+    _, _, ids = collection
+    image_id = ids["cat1.jpg"]
+    html = (await ds.client.get(f"/-/gallery/{image_id}")).text
+    assert f'<img src="/-/image/{image_id}"' in html  # the full image as the preview
+    assert "cat1.jpg" in html and "Canon EOS 5D" in html and "2021-05-01T10:00:00" in html
+    assert 'href="/-/gallery?label=tiger+cat"' in html and "0.600" in html
+    strip = html.split('class="collection-strip"')[1]
+    neighbours = [int(n) for n in re.findall(r'href="/-/gallery/(\d+)"', strip)]
+    assert neighbours == [i for i, score in expected_neighbours(ids, "cat1.jpg") if score >= 0]
+    assert ids["gone.jpg"] not in neighbours
+    assert f'href="/collection/images/{image_id}"' in html  # the raw row
+    assert (await ds.client.get("/-/gallery/999999")).status_code == 404
+
+
+@pytest.mark.asyncio
+async def test_hostile_name_is_escaped_on_gallery_and_image_page(ds, collection):
+    for url in ("/-/gallery", f"/-/gallery/{collection[2][HOSTILE]}"):
+        html = (await ds.client.get(url)).text
+        assert HOSTILE not in html and HOSTILE_LABEL not in html
+        assert "&lt;img src=x onerror=alert(1)&gt;.jpg" in html
+
+
+@pytest.mark.asyncio
+async def test_images_table_cells_are_readable(ds, collection):
+    db_path, _, ids = collection
+    html = (await ds.client.get("/collection/images")).text
+    sha = sqlite3.connect(db_path).execute("select sha256 from images where id = ?", [ids["cat1.jpg"]]).fetchone()[0]
+    assert f'<code title="{sha}">{sha[:12]}…</code>' in html
+    assert " UTC</span>" in html  # mtime as a date, the Unix time in its title
+    assert 'class="collection-chip" href="/-/gallery?label=tiger+cat"' in html  # labels by the thumbnail
+    assert "column-descriptions" in html and "collection.js" in html  # folded by the script
+
+
+@pytest.mark.asyncio
+async def test_status_without_a_watcher_says_how_to_start_one(ds, collection):
+    state = (await ds.client.get("/-/status.json")).json()
+    assert state["watcher"] is None
+    assert state["collection"]["images"] == 6 and state["collection"]["deleted"] == 1
+    html = (await ds.client.get("/-/status")).text
+    assert "No watcher has run on collection.db yet" in html
+    assert " watch FOLDER --db collection.db" in html
+
+
+@pytest.mark.asyncio
+async def test_status_reads_what_the_recorder_wrote(ds, collection):
+    from collection import live
+    from collection.watcher import Stats
+
+    db_path = collection[0]
+    clock = [1000.0]
+    recorder = live.Recorder(db_path, clock=lambda: clock[0])
+    for second in range(10):  # ten images a second for ten seconds
+        clock[0] = 1000.0 + second + 1
+        recorder.report(Stats(state="watching", seen=10 * (second + 1), stored=10 * (second + 1), queued=5), force=True)
+    now = live.read(db_path, now=clock[0])
+    assert now["running"] and now["queued"] == 5 and now["session"]["stored"] == 100
+    assert now["rate"] == pytest.approx(10.0)
+    later = live.read(db_path, now=clock[0] + 20)  # idle for 20 s: the rate falls...
+    assert later["running"] and 0 < later["rate"] < now["rate"]
+    gone = live.read(db_path, now=clock[0] + 61)  # ...to 0 after a minute; no writes needed
+    assert gone["rate"] == 0.0
+    recorder.report(Stats(state="stopped", seen=100, stored=100), force=True)
+    assert live.read(db_path, now=clock[0])["state"] == "not running"
+    assert (await ds.client.get("/-/status.json")).json()["watcher"]["session"]["stored"] == 100

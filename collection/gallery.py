@@ -1,0 +1,194 @@
+"""The reads behind the gallery (live images, newest first, filtered, a page at a time)
+and the image page (one image, deleted or not, with its labels and place on the map).
+
+Pages use keyset pagination on the images' id, which grows as images are added:
+``?before=<id>`` asks for the page below an id, so a page at a million images reads
+one page of rows from an index, never an OFFSET's worth. Run through Datasette's
+``Database.execute_fn``; nothing here imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, fields
+
+PAGE_SIZE = 48
+OPTIONS_TTL = 60.0  # seconds the filter menus (formats, cameras, years) are reused
+_COLUMNS = ("id", "path", "top_label", "top_score", "labels", "format", "camera", "taken_at", "width", "height")
+
+
+class BadFilter(ValueError):
+    """A gallery parameter that cannot be used; the message says why, for a person."""
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What the gallery is narrowed to; every field optional."""
+
+    label: str | None = None
+    format: str | None = None
+    camera: str | None = None
+    year: int | None = None
+    place: bool = False  # only images with a GPS position
+
+    @classmethod
+    def from_args(cls, args) -> Filters:
+        """From a request's query string, refusing what cannot be a filter value."""
+        text = {name: (args.get(name) or "").strip() or None for name in ("label", "format", "camera")}
+        for name, value in text.items():
+            if value is not None and len(value) > 200:
+                raise BadFilter(f"{name} is too long")
+        year = args.get("year") or None
+        if year is not None:
+            if not (year.isascii() and year.isdigit() and len(year) == 4):
+                raise BadFilter(f"year must be four digits, not {year!r}")
+            year = int(year)
+        return cls(**text, year=year, place=args.get("place") in ("1", "yes", "on"))
+
+    def query(self, **changes) -> dict[str, str]:
+        """These filters (with ``changes``) as query-string parameters, empty ones left out."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)} | changes
+        return {
+            name: ("1" if value is True else str(value))
+            for name, value in values.items()
+            if value not in (None, False, "")
+        }
+
+    @property
+    def active(self) -> bool:
+        return bool(self.query())
+
+
+def parse_before(value: str | None) -> int | None:
+    if value in (None, ""):
+        return None
+    if not (value.isascii() and value.isdigit() and len(value) <= 18):
+        raise BadFilter(f"before must be an image id, not {value!r}")
+    return int(value)
+
+
+def page(conn: sqlite3.Connection, filters: Filters, before: int | None, size: int = PAGE_SIZE) -> dict:
+    """One page of live images, newest first, and the id the next page starts below."""
+    # With a label the query is driven from labels: its (label, image_id) index yields
+    # the label's images newest first. An image carrying a label twice (ImageNet has
+    # two "crane"s) would come twice, hence the grouping (in index order, no sort).
+    key = "i.id" if filters.label is None else "l.image_id"
+    where, params = ["1"], {"size": size + 1}
+    if before is not None:
+        where.append(f"{key} < :before")
+        params["before"] = before
+    for column, value in (("format", filters.format), ("camera", filters.camera), ("taken_year", filters.year)):
+        if value is not None:
+            where.append(f"i.{column} = :{column}")
+            params[column] = value
+    if filters.place:
+        where.append("i.latitude is not null and i.longitude is not null")
+    if filters.label is None:
+        source = "live_images i"
+    else:
+        source = "labels l join live_images i on i.id = l.image_id"
+        where.append("l.label = :label")
+        params["label"] = filters.label
+    columns = ", ".join(f"i.{c}" for c in _COLUMNS)
+    group = "" if filters.label is None else f"group by {key} "
+    sql = f"select {columns} from {source} where {' and '.join(where)} {group}order by {key} desc limit :size"
+    rows = [_card(row) for row in _dicts(conn.execute(sql, params))]
+    more = len(rows) > size
+    rows = rows[:size]
+    return {"images": rows, "before": rows[-1]["id"] if more else None}
+
+
+def _card(row: dict) -> dict:
+    row["name"] = os.path.basename(row["path"])
+    try:
+        row["labels"] = json.loads(row["labels"] or "[]")
+    except ValueError:
+        row["labels"] = []
+    return row
+
+
+_options: dict[str, tuple[float, dict]] = {}
+_options_lock = threading.Lock()
+
+
+def options(conn: sqlite3.Connection, db_path: str) -> dict:
+    """The values the format, camera and year menus offer, with counts of live images.
+
+    Grouping a million rows takes a moment even on an index, so the answer is kept for
+    OPTIONS_TTL seconds per database: a new camera shows in the menu within a minute.
+    """
+    with _options_lock:
+        cached = _options.get(db_path)
+        if cached and time.monotonic() - cached[0] < OPTIONS_TTL:
+            return cached[1]
+    found = {}
+    for name, column in (("format", "format"), ("camera", "camera"), ("year", "taken_year")):
+        found[name] = conn.execute(
+            f"select {column}, count(*) from live_images where {column} is not null "
+            f"group by {column} order by count(*) desc limit 100"
+        ).fetchall()
+    found["place"] = conn.execute(
+        "select count(*) from live_images where latitude is not null"
+    ).fetchone()[0]
+    with _options_lock:
+        _options[db_path] = (time.monotonic(), found)
+    return found
+
+
+def label_chips(images: list[dict], limit: int = 12) -> list[tuple[str, int]]:
+    """The labels the page's images carry most, for one-click filters: counted on the
+    page, so the chips cost nothing at a million images and say what is on screen."""
+    counts: dict[str, int] = {}
+    for image in images:
+        for label in image["labels"]:
+            counts[label] = counts.get(label, 0) + 1
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:limit]
+
+
+def image(conn: sqlite3.Connection, image_id: int) -> dict | None:
+    """One image row, deleted or not, with its labels and its place on the map (if any)."""
+    rows = _dicts(
+        conn.execute(
+            "select id, path, sha256, size, mtime, width, height, format, taken_at, camera, "
+            "latitude, longitude, added_at, updated_at, model, deleted_at from images where id = ?",
+            [image_id],
+        )
+    )
+    if not rows:
+        return None
+    row = rows[0]
+    row["name"] = os.path.basename(row["path"])
+    row["labels"] = _dicts(
+        conn.execute(
+            "select rank, label, wnid, score from labels where image_id = ? order by rank", [image_id]
+        )
+    )
+    has_map = conn.execute(
+        "select 1 from sqlite_master where type = 'table' and name = 'projection'"
+    ).fetchone()
+    place = has_map and conn.execute("select x, y from projection where image_id = ?", [image_id]).fetchone()
+    row["map_xy"] = tuple(place) if place else None  # its place on the map, 0 to 1 each way
+    return row
+
+
+def names(conn: sqlite3.Connection, ids: list[int]) -> dict[int, dict]:
+    """id -> live row (name, top label) for the given ids, looked up through json_each."""
+    return {
+        row["id"]: {**row, "name": os.path.basename(row["path"])}
+        for row in _dicts(
+            conn.execute(
+                "select i.id, i.path, i.top_label from json_each(?) j "
+                "join live_images i on i.id = j.value",
+                [json.dumps(ids)],
+            )
+        )
+    }
+
+
+def _dicts(cursor: sqlite3.Cursor) -> list[dict]:
+    columns = [d[0] for d in cursor.description]
+    return [dict(zip(columns, row)) for row in cursor.fetchall()]

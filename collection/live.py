@@ -1,0 +1,139 @@
+"""What the watcher is doing, for the browser's /-/status page.
+
+The watcher's worker hands every status update to a ``Recorder`` (one line in
+watcher.py), which keeps a small JSON file beside the database,
+``<db>.status.json``, replaced atomically (write a temporary file, ``os.replace``) at
+most once a second while anything changes, and every ``HEARTBEAT`` seconds while
+idle. A reader never sees a half-written file and never takes a database lock.
+
+The file holds this run's counters and, per second, how many files the worker
+finished; ``read`` turns those into images per second over the last minute at the
+moment of reading, so the rate falls to 0 once the watcher is idle even if nothing
+writes, and a watcher that stopped writing is reported as gone. Totals (images,
+deleted, failures) are not here: the status page counts them in the database, so a
+restart never looks like data lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+WINDOW = 60.0  # seconds the rate is measured over
+EVERY = 1.0  # at most one write a second
+HEARTBEAT = 10.0  # written at least this often while the watcher runs
+GONE_AFTER = 3 * HEARTBEAT  # no write for this long: the watcher is not running
+COUNTERS = ("seen", "stored", "failed", "deleted", "queued")
+
+
+def status_path(db_path: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(db_path)}.status.json")
+
+
+class Recorder:
+    """Records a watcher's status updates into ``status_path(db_path)``.
+
+    ``report(stats, force)`` and ``echo(message)`` have the watcher's own callbacks'
+    shapes and pass everything on to them; ``clock`` is injectable for tests.
+    """
+
+    def __init__(
+        self,
+        db_path: str | os.PathLike,
+        report: Callable | None = None,
+        echo: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.path = status_path(db_path)
+        self._report, self._echo, self._clock = report, echo, clock
+        self._lock = threading.Lock()
+        self._started = clock()
+        self._done: dict[int, int] = {}  # whole second -> files finished in it
+        self._seen = 0
+        self._state: dict = {}
+        self._error: dict | None = None
+        self._written_at = 0.0
+        self._written: dict | None = None
+
+    def report(self, stats, force: bool = False) -> None:
+        if self._report:
+            self._report(stats, force)
+        now = self._clock()
+        with self._lock:
+            if stats.seen > self._seen:
+                second = int(now)
+                self._done[second] = self._done.get(second, 0) + stats.seen - self._seen
+            self._seen = stats.seen
+            self._state = {
+                "state": stats.state,
+                "observer": stats.observer,
+                **{name: getattr(stats, name) for name in COUNTERS},
+            }
+            self._write(now, force)
+
+    def echo(self, message: str) -> None:
+        if self._echo:
+            self._echo(message)
+        if message.startswith("error"):
+            with self._lock:
+                self._error = {"at": self._clock(), "message": message}
+                self._write(self._clock(), force=True)
+
+    def _write(self, now: float, force: bool) -> None:
+        for second in [s for s in self._done if s < now - WINDOW]:
+            del self._done[second]
+        content = {**self._state, "last_error": self._error, "done": sorted(self._done.items())}
+        changed = content != self._written
+        due = now - self._written_at >= (EVERY if changed else HEARTBEAT)
+        if not (force or due):
+            return
+        record = {**content, "pid": os.getpid(), "started_at": self._started, "written_at": now}
+        try:
+            fd, temporary = tempfile.mkstemp(prefix=".status-", dir=self.path.parent)
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f)
+            os.replace(temporary, self.path)
+        except OSError:
+            return  # the status page is a convenience: a full disk must not stop the watcher
+        self._written, self._written_at = content, now
+
+
+def recording(db_path, report, echo) -> tuple[Callable, Callable[[str], None]]:
+    """The watcher's ``report`` and ``echo``, recording into the status file as well."""
+    recorder = Recorder(db_path, report, echo)
+    return recorder.report, recorder.echo
+
+
+def read(db_path: str | os.PathLike, now: float | None = None) -> dict | None:
+    """The watcher's last recorded status with its rate as of ``now``; None if it never
+    ran on this database. ``running`` is False once it has not written for GONE_AFTER."""
+    try:
+        record = json.loads(status_path(db_path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    now = time.time() if now is None else now
+    written_at = float(record.get("written_at") or 0)
+    running = record.get("state") != "stopped" and now - written_at < GONE_AFTER
+    done = [(second, n) for second, n in record.get("done") or [] if second >= now - WINDOW]
+    # Over the last minute, or over the run so far when it is younger than a minute.
+    span = max(1.0, min(WINDOW, now - float(record.get("started_at") or now)))
+    rate = sum(n for _, n in done) / span if running else 0.0
+    return {
+        "running": running,
+        "state": record.get("state") if running else "not running",
+        "observer": record.get("observer"),
+        "session": {name: record.get(name) for name in COUNTERS},
+        "queued": record.get("queued") if running else 0,
+        "rate": round(rate, 2),
+        "last_error": record.get("last_error"),
+        "started_at": record.get("started_at"),
+        "written_at": written_at,
+        "pid": record.get("pid"),
+    }
