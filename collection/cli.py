@@ -71,7 +71,7 @@ def load_model(store: Store, name: str, weights: str | None, precision: str):
         raise click.ClickException(str(e)) from None
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="collection")
 def cli():
     """Find similar images and query what is in them.
@@ -175,14 +175,15 @@ def models():
 
 @cli.command()
 @db_option
-@click.option("-h", "--host", default="127.0.0.1", show_default=True,
+@click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to bind; 0.0.0.0 makes the collection reachable from other machines.")
 @click.option("-p", "--port", default=8001, show_default=True, type=click.IntRange(1, 65535),
               help="Port to listen on.")
 @click.option("--metadata", "metadata_path", type=click.Path(exists=True, dir_okay=False),
               help="Datasette metadata file  [default: the project's metadata.yml]")
-def serve(db_path, host, port, metadata_path):
-    """Browse the collection in Datasette: thumbnails, label facets, similar images."""
+@click.option("--access-log", is_flag=True, help="Log every request (off: a page of thumbnails is dozens).")
+def serve(db_path, host, port, metadata_path, access_log):
+    """Browse the collection in Datasette: gallery, image pages, similar images, map, status."""
     from . import serve as serving
 
     if not Path(db_path).exists():
@@ -191,7 +192,7 @@ def serve(db_path, host, port, metadata_path):
     metadata_path = metadata_path or serving.find_metadata()
     if metadata_path is None:
         click.echo("metadata.yml not found: serving without titles, facets or canned queries", err=True)
-    serving.run(db_path, host, port, metadata_path)
+    serving.run(db_path, host, port, metadata_path, access_log=access_log)
 
 
 def watch_options(f):
@@ -276,7 +277,7 @@ def watch(folder, **options):
 @cli.command()
 @click.argument("folder", type=click.Path(file_okay=False))
 @watch_options
-@click.option("-h", "--host", default="127.0.0.1", show_default=True, help="Interface Datasette binds.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface Datasette binds.")
 @click.option("-p", "--port", default=8001, show_default=True, type=click.IntRange(1, 65535),
               help="Port Datasette listens on.")
 def start(folder, host, port, **options):

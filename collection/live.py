@@ -7,9 +7,12 @@ most once a second while anything changes, and every ``HEARTBEAT`` seconds while
 idle. A reader never sees a half-written file and never takes a database lock.
 
 The file holds this run's counters and, per second, how many files the worker
-finished; ``read`` turns those into images per second over the last minute at the
-moment of reading, so the rate falls to 0 once the watcher is idle even if nothing
-writes, and a watcher that stopped writing is reported as gone. Totals (images,
+finished and when the busy spell they belong to began (files were waiting); ``read``
+turns those into images per second over the last minute at the moment of reading:
+the files finished in the last minute over the time since work on them began (or a
+minute, if longer). A burst shows its real pace while it runs, and the rate falls to 0
+once the watcher is idle even if nothing writes; a watcher that stopped writing is
+reported as gone. Totals (images,
 deleted, failures) are not here: the status page counts them in the database, so a
 restart never looks like data lost.
 """
@@ -53,7 +56,8 @@ class Recorder:
         self._report, self._echo, self._clock = report, echo, clock
         self._lock = threading.Lock()
         self._started = clock()
-        self._done: dict[int, int] = {}  # whole second -> files finished in it
+        self._done: dict[int, list] = {}  # whole second -> [files finished in it, its spell's start]
+        self._busy_since: float | None = None  # when files began waiting, while any do
         self._seen = 0
         self._state: dict = {}
         self._error: dict | None = None
@@ -65,9 +69,13 @@ class Recorder:
             self._report(stats, force)
         now = self._clock()
         with self._lock:
+            if self._busy_since is None and (stats.queued or stats.seen > self._seen):
+                self._busy_since = now
             if stats.seen > self._seen:
-                second = int(now)
-                self._done[second] = self._done.get(second, 0) + stats.seen - self._seen
+                entry = self._done.setdefault(int(now), [0, self._busy_since])
+                entry[0] += stats.seen - self._seen
+            if not stats.queued:
+                self._busy_since = None
             self._seen = stats.seen
             self._state = {
                 "state": stats.state,
@@ -87,7 +95,8 @@ class Recorder:
     def _write(self, now: float, force: bool) -> None:
         for second in [s for s in self._done if s < now - WINDOW]:
             del self._done[second]
-        content = {**self._state, "last_error": self._error, "done": sorted(self._done.items())}
+        done = [[second, n, since] for second, (n, since) in sorted(self._done.items())]
+        content = {**self._state, "last_error": self._error, "done": done}
         changed = content != self._written
         due = now - self._written_at >= (EVERY if changed else HEARTBEAT)
         if not (force or due):
@@ -121,10 +130,11 @@ def read(db_path: str | os.PathLike, now: float | None = None) -> dict | None:
     now = time.time() if now is None else now
     written_at = float(record.get("written_at") or 0)
     running = record.get("state") != "stopped" and now - written_at < GONE_AFTER
-    done = [(second, n) for second, n in record.get("done") or [] if second >= now - WINDOW]
-    # Over the last minute, or over the run so far when it is younger than a minute.
-    span = max(1.0, min(WINDOW, now - float(record.get("started_at") or now)))
-    rate = sum(n for _, n in done) / span if running else 0.0
+    done = [entry for entry in record.get("done") or [] if entry[0] >= now - WINDOW]
+    rate = 0.0
+    if running and done:
+        began = max(now - WINDOW, float(done[0][2] if done[0][2] is not None else done[0][0]))
+        rate = sum(entry[1] for entry in done) / max(1.0, now - began)
     return {
         "running": running,
         "state": record.get("state") if running else "not running",

@@ -20,7 +20,6 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 from datasette import Response, hookimpl
-from datasette.plugins import get_plugins, pm
 from datasette.utils.asgi import BadRequest, NotFound
 from markupsafe import Markup
 
@@ -93,6 +92,8 @@ def startup(datasette):
 def static_url(datasette, file: str) -> str:
     """The URL Datasette serves ``static/<file>`` at: /-/static-plugins/<name>/, where the
     name is the distribution's when installed and the package's when run from a checkout."""
+    from datasette.plugins import get_plugins  # not at import: Datasette imports us from there
+
     for plugin in get_plugins():
         if plugin["static_path"] and Path(plugin["static_path"]) == STATIC:
             return datasette.urls.static_plugins(plugin["name"], file)
@@ -133,7 +134,7 @@ def extra_template_vars(template, datasette):
             return {}
         db = datasette.get_database(name)
         tables = set(await db.table_names()) | set(await db.view_names())
-        hidden = set(await db.hidden_table_names()) | {t for t in tables if t.startswith("sqlite_")}
+        hidden = set(await db.hidden_table_names()) | {t for t in tables if t.startswith("sqlite_")} | BOOKKEEPING
         return {
             "collection": {
                 "name": name,
@@ -153,10 +154,14 @@ def extra_template_vars(template, datasette):
 # The tables the home page lists, in this order, before any others: the ones a person
 # browsing a collection opens (the rest stay one click away on the database page).
 HOME_TABLES = ("live_images", "images", "labels", "matches", "failures", "ingest_log")
+# Left off the home page even without metadata.yml (plain `datasette collection.db`).
+BOOKKEEPING = {"_sqlite_migrations", "vector_changes"}
 
 
 def home_pages(datasette) -> list[dict]:
     """The collection's own pages, as the home page leads with them."""
+    from datasette.plugins import pm
+
     urls = datasette.urls
     pages = [
         ("Gallery", "/-/gallery", "every image, newest first, by label, format, camera, year or place"),
@@ -287,6 +292,9 @@ async def image_page(datasette, request):
                 "label_url": lambda label: urls.path("/-/gallery") + _query({"label": label}),
                 "size": _bytes(row["size"]),
                 "modified": _when(row["mtime"]),
+                "added": _stamp(row["added_at"]),
+                "updated": _stamp(row["updated_at"]),
+                "deleted_on": _stamp(row["deleted_at"]),
                 "database": db.name,
             },
             request=request,
@@ -506,6 +514,14 @@ def _when(unix) -> str | None:
     if not isinstance(unix, (int, float)):
         return None
     return datetime.fromtimestamp(unix, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _stamp(iso: str | None) -> str | None:
+    """The store's UTC ISO stamps (2026-12-02T17:29:56+00:00) as _when writes times."""
+    try:
+        return _when(datetime.fromisoformat(iso).timestamp()) if iso else None
+    except ValueError:
+        return iso
 
 
 def _bytes(n) -> str | None:

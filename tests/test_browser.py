@@ -1,5 +1,5 @@
-"""End to end in a real browser: a `datasette` server on a free port, driven by Playwright
-in headless Chromium. Checks that every thumbnail really decoded, that hostile names
+"""End to end in a real browser: `collection serve` (or `collection start`) on a free port,
+driven by Playwright in headless Chromium. Checks that every thumbnail really decoded, that hostile names
 run no script, and saves screenshots under screenshots/ (git-ignored)."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -86,38 +87,44 @@ def build_photo_collection(folder: Path, db_path: Path) -> dict[str, int]:
     return ids
 
 
-@pytest.fixture
-def server(tmp_path):
-    """`datasette collection.db --metadata metadata.yml --plugins-dir datasette_plugins`."""
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    db_path = tmp_path / "collection.db"
-    ids = build_photo_collection(folder, db_path)
+def serve(db_path: Path, log_path: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """`collection serve` (or `collection start`, with ``extra``) on a free port, once it answers."""
     port = free_port()
-    log = open(tmp_path / "datasette.log", "w")
-    process = subprocess.Popen(
-        [
-            sys.executable, "-m", "datasette", "serve", str(db_path),
-            "--metadata", str(ROOT / "metadata.yml"),
-            "--plugins-dir", str(ROOT / "datasette_plugins"),
-            "--host", "127.0.0.1", "--port", str(port),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    command = extra or ("serve", "--db", str(db_path))
+    with open(log_path, "w") as log:  # a file: a pipe nobody reads can fill and stall the server
+        process = subprocess.Popen(
+            [sys.executable, "-m", "collection", *command, "--host", "127.0.0.1", "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until(
             lambda: process.poll() is not None or responds(f"{base}/-/versions.json"),
-            timeout=60,
-            message="datasette to start",
+            timeout=90,
+            message="the server to start",
         )
-        assert process.poll() is None, (tmp_path / "datasette.log").read_text()
+        assert process.poll() is None, log_path.read_text()
+    except BaseException:
+        process.terminate()
+        process.wait(timeout=10)
+        raise
+    return process, base
+
+
+@pytest.fixture
+def server(tmp_path):
+    """`collection serve` on the photo collection: the plugins and metadata.yml as installed."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    db_path = tmp_path / "collection.db"
+    ids = build_photo_collection(folder, db_path)
+    process, base = serve(db_path, tmp_path / "datasette.log")
+    try:
         yield base, ids
     finally:
         process.terminate()
         process.wait(timeout=10)
-        log.close()
 
 
 @pytest.fixture
@@ -204,3 +211,124 @@ def test_images_table_and_similar_page_in_chromium(server, page):
     page.goto(f"{base}/-/similar/999999")
     assert page.locator("h1").inner_text().startswith("Error 404") or "404" in page.title()
     assert page.dialogs == []  # no script from a file name or label ever ran
+
+
+def card_names(page) -> list[str]:
+    return page.locator(".collection-gallery figcaption > a").all_inner_texts()
+
+
+def test_home_gallery_and_image_page_in_chromium(server, page):
+    base, ids = server
+
+    page.goto(f"{base}/")
+    home = page.locator(".collection-home a").all_inner_texts()
+    assert home[:2] == ["Gallery", "Map"] and "Watcher status" in home
+    assert page.locator("a", has_text="live_images").count() == 1  # tables follow, none behind "..."
+    assert page.get_by_text("_sqlite_migrations").count() == 0
+    screenshot(page, "home")
+
+    page.locator(".collection-home a", has_text="Gallery").click()
+    page.wait_for_url(f"{base}/-/gallery")
+    shown = thumbnails_rendered(page)
+    assert len(shown) == len(ids) and all(img["width"] > 0 for img in shown)
+    assert card_names(page)[0] == HOSTILE  # newest first: the hostile name was added last
+    assert page.locator("img[src='x']").count() == 0
+    screenshot(page, "gallery")
+
+    page.locator("p.collection-chips a.collection-chip", has_text="tabby").first.click()
+    page.wait_for_url(f"{base}/-/gallery?label=tabby")
+    narrowed = card_names(page)
+    assert sorted(narrowed) == sorted([HOSTILE] + [n for n in ids if n.startswith("chelsea")])
+    assert all(img["width"] > 0 for img in thumbnails_rendered(page))
+    screenshot(page, "gallery-label-tabby")
+
+    page.locator(".collection-gallery figcaption > a", has_text="chelsea.jpg").click()
+    page.wait_for_url(f"{base}/-/gallery/{ids['chelsea.jpg']}")
+    page.wait_for_function("() => document.querySelector('.collection-preview img').complete")
+    assert page.evaluate("document.querySelector('.collection-preview img').naturalWidth") > 256
+    assert page.locator(".collection-labels a").all_inner_texts() == LABELS["chelsea"]
+    strip = page.locator(".collection-strip li a")
+    assert strip.count() >= 3
+    assert {strip.nth(i).get_attribute("title").split(" (")[0] for i in range(3)} == {
+        "chelsea-flipped.jpg", "chelsea-crop.jpg", "chelsea-dark.png"
+    }
+    assert all(img["width"] > 0 for img in thumbnails_rendered(page))
+    screenshot(page, "image-page")
+
+    page.goto(f"{base}/collection/images")
+    assert page.locator("details.collection-columns").count() == 1  # descriptions folded
+    assert page.locator("details.collection-columns[open]").count() == 0
+    screenshot(page, "images-table-readable")
+    assert page.dialogs == []
+
+
+def status_numbers(page) -> dict:
+    keys = ("watcher.state", "watcher.queued", "watcher.rate", "watcher.session.seen", "collection.images",
+            "collection.deleted")
+    return {key: page.locator(f"[data-key='{key}']").inner_text() for key in keys}
+
+
+@pytest.mark.slow
+def test_status_during_a_burst_then_a_deleted_image(tmp_path, page):
+    """`collection start` with a real (randomly weighted) model: /-/status moves during a
+    burst and settles on the true counts; a deleted file leaves the gallery and search,
+    and its page says so."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    db_path = tmp_path / "collection.db"
+    process, base = serve(
+        db_path, tmp_path / "start.log",
+        "start", str(inbox), "--db", str(db_path), "--model", "efficientnet_lite0:random",
+    )
+    try:
+        page.goto(f"{base}/-/status")
+        # The page reloads itself once the watcher has written its first status.
+        page.wait_for_selector("[data-key='watcher.state']", timeout=120_000)
+        wait_until(lambda: page.locator("[data-key='watcher.state']").inner_text() == "watching", 60,
+                   interval=0.5, message="the watcher to be watching")
+        burst = 60
+        for n in range(burst):
+            make_image(inbox / f"burst-{n:02d}.jpg", seed=100 + n, size=(320, 240), fmt="JPEG")
+        samples = []
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            samples.append(status_numbers(page))
+            if samples[-1]["collection.images"] == str(burst) and samples[-1]["watcher.queued"] == "0":
+                break
+            if len(samples) == 3:
+                screenshot(page, "status-burst")
+            time.sleep(0.4)
+        seen_counts = {s["collection.images"] for s in samples}
+        assert len(seen_counts) >= 3, samples  # the numbers moved while the burst went in
+        assert any(s["watcher.queued"] not in ("0", "") for s in samples), samples
+        settled = samples[-1]
+        assert settled["collection.images"] == str(burst) and settled["watcher.queued"] == "0", samples
+        assert settled["watcher.session.seen"] == str(burst)
+        assert float(settled["watcher.rate"]) > 0  # over the last minute, the burst still counts
+        screenshot(page, "status-settled")
+
+        store = Store(db_path)
+        gone_id, gone_path, gone_label = store.db.execute(
+            "select id, path, top_label from images order by id limit 1"
+        ).fetchone()
+        store.close()
+        Path(gone_path).unlink()
+        wait_until(lambda: page.locator("[data-key='collection.deleted']").inner_text() == "1", 30,
+                   interval=0.5, message="the deletion to show on /-/status")
+        page.goto(f"{base}/-/gallery")
+        names = card_names(page)
+        page.locator("a[rel=next]").click()  # a page holds 48: the rest is one page older
+        page.wait_for_url(f"{base}/-/gallery?before=*")
+        names += card_names(page)
+        assert len(names) == burst - 1 and Path(gone_path).name not in names
+        assert page.locator("a[rel=next]").count() == 0
+        page.goto(f"{base}/-/gallery?label={gone_label}")  # search by its label: not found
+        assert page.locator(f"a[href='/-/gallery/{gone_id}']").count() == 0
+        page.goto(f"{base}/-/similar/{gone_id}")  # its old similar-images link
+        page.wait_for_url(f"{base}/-/gallery/{gone_id}")
+        assert "File deleted" in page.locator(".collection-banner").inner_text()
+        assert page.locator(".collection-preview").count() == 0
+        screenshot(page, "deleted-image-page")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

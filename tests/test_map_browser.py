@@ -32,8 +32,8 @@ def server(tmp_path_factory):
     projection.project(store)
     store.close()
     port = free_port()
-    command = [sys.executable, "-m", "datasette", "serve", str(db_path)]
-    command += ["--plugins-dir", "datasette_plugins", "--host", "127.0.0.1", "--port", str(port)]
+    # `collection serve` registers the plugins, as the entry points do once installed
+    command = [sys.executable, "-m", "collection", "serve", "--db", str(db_path), "--port", str(port)]
     base = f"http://127.0.0.1:{port}"
     # its output to a file: a pipe that nobody reads can fill up and stall the server
     with open(folder / "datasette.log", "w") as log:

@@ -27,7 +27,7 @@ document.addEventListener("DOMContentLoaded", () => {
           }
           status.querySelectorAll("[data-key]").forEach((el) => {
             const value = lookup(data, el.dataset.key);
-            el.textContent = value == null ? (el.dataset.key.endsWith("message") ? "none" : "") : String(value);
+            el.textContent = value == null ? el.dataset.empty || "" : String(value);
           });
         }
       } finally {
