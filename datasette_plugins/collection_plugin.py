@@ -59,10 +59,17 @@ async def collection_db(datasette, request):
     name = await collection_name(datasette)
     if name is None or name not in datasette.databases:
         raise NotFound("This Datasette has no collection database")
-    await datasette.ensure_permissions(
-        request.actor,
-        [("view-table", (name, "images")), ("view-database", name), "view-instance"],
-    )
+    if hasattr(datasette, "ensure_permissions"):  # Datasette 0.65
+        await datasette.ensure_permissions(
+            request.actor,
+            [("view-table", (name, "images")), ("view-database", name), "view-instance"],
+        )
+    else:  # Datasette 1.0 alphas: one check, which takes the database and instance into account
+        from datasette.resources import TableResource
+
+        await datasette.ensure_permission(
+            action="view-table", resource=TableResource(name, "images"), actor=request.actor
+        )
     return datasette.get_database(name)
 
 
