@@ -1,4 +1,4 @@
-"""Latency of the similar-image page and its JSON on a synthetic collection.
+"""Latency of the gallery, image and similar-image pages on a synthetic collection.
 
     .venv/bin/python bench/serve.py --images 10000 --requests 200
 
@@ -39,6 +39,12 @@ CASES = [
     ("similar JSON k=50", "/-/similar/{}.json?k=50"),
     ("similar JSON min_score=.5", "/-/similar/{}.json?min_score=0.5"),
     ("thumbnail", "/-/thumbnail/{}.jpg"),
+    ("gallery first page", "/-/gallery"),
+    ("gallery page before an id", "/-/gallery?before={}"),
+    ("gallery label=tabby", "/-/gallery?label=tabby"),
+    ("gallery label, before an id", "/-/gallery?label=tabby&before={}"),
+    ("image page", "/-/gallery/{}"),
+    ("status JSON", "/-/status.json"),
 ]
 LABELS = ["tabby", "tiger cat", "golden retriever", "espresso", "space shuttle", "daisy",
           "palace", "sports car", "goldfinch", "lynx", "cup", "pagoda", "bee", "racer"]
@@ -146,6 +152,10 @@ def main() -> None:
 
     started = time.perf_counter()
     db_path = collection(args.images, args.unindexed, args.dimensions)
+    flags = subprocess.run(
+        ["grep", "-o", "-w", r"avx512[a-z_0-9]*\|avx2\|amx[a-z_]*", "/proc/cpuinfo"], capture_output=True, text=True
+    ).stdout.split()
+    print(f"CPU flags: {' '.join(sorted(set(flags))) or 'none of avx2, avx512, amx'}")
     print(f"collection: {args.images} images, {args.dimensions}-d vectors, {db_path} "
           f"({os.path.getsize(db_path) / 1e6:.0f} MB, ready in {time.perf_counter() - started:.1f}s)")
     port = free_port()
@@ -165,11 +175,11 @@ def main() -> None:
                 if n >= WARM_UP:
                     times[name].append(ms)
         conn.close()
-        print(f"\n{'endpoint':<26} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}")
+        print(f"\n{'endpoint':<28} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}")
         for name, pattern in CASES:
             ms = sorted(times[name])
             p95 = ms[min(len(ms) - 1, round(0.95 * (len(ms) - 1)))]
-            print(f"{name:<26} {statistics.median(ms):>8.1f} {p95:>8.1f} {ms[-1]:>8.1f}")
+            print(f"{name:<28} {statistics.median(ms):>8.1f} {p95:>8.1f} {ms[-1]:>8.1f}")
     finally:
         process.terminate()
         process.wait(timeout=10)

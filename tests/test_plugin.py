@@ -396,7 +396,7 @@ async def test_vectors_are_not_rendered_as_blobs(ds):
 
 @pytest.mark.asyncio
 async def test_default_facets_count_right(ds):
-    data = (await ds.client.get("/collection/images.json?_extra=facet_results")).json()
+    data = (await ds.client.get("/collection/images.json?_extra=facet_results&_facet_size=max")).json()
     facets = data["facet_results"]
     if "results" in facets:  # the 1.0 JSON shape
         facets = facets["results"]
