@@ -181,8 +181,8 @@ def names(conn: sqlite3.Connection, ids: list[int]) -> dict[int, dict]:
         row["id"]: {**row, "name": os.path.basename(row["path"])}
         for row in _dicts(
             conn.execute(
-                "select i.id, i.path, i.top_label from json_each(?) j "
-                "join live_images i on i.id = j.value",
+                "select id, path, top_label from live_images "
+                "where id in (select value from json_each(?))",
                 [json.dumps(ids)],
             )
         )

@@ -772,6 +772,12 @@ async def test_gallery_pages_are_read_from_indexes(collection):
         plan = " | ".join(row[3] for row in conn.execute("explain query plan " + sql))
         assert "USE TEMP B-TREE FOR ORDER BY" not in plan, plan
         assert "SCAN i" not in plan or "INTEGER PRIMARY KEY" in plan or "rowid" in plan.lower(), plan
+    captured = []
+    conn.set_trace_callback(captured.append)
+    gallery.names(conn, [1, 2, 3])  # the similar strip's rows: looked up by id, not scanned
+    conn.set_trace_callback(None)
+    plan = " | ".join(row[3] for row in conn.execute("explain query plan " + captured[-1]))
+    assert "rowid=?" in plan or "INTEGER PRIMARY KEY" in plan, plan
 
 
 @pytest.mark.asyncio
@@ -844,3 +850,35 @@ async def test_status_reads_what_the_recorder_wrote(ds, collection):
     recorder.report(Stats(state="stopped", seen=100, stored=100), force=True)
     assert live.read(db_path, now=clock[0])["state"] == "not running"
     assert (await ds.client.get("/-/status.json")).json()["watcher"]["session"]["stored"] == 100
+
+
+# --- the command line around serving ------------------------------------------------------
+
+
+def test_serve_help_with_dash_h():
+    from click.testing import CliRunner
+
+    from collection.cli import cli
+
+    for command in (["serve", "-h"], ["serve", "--help"], ["-h"]):
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code == 0, result.output
+        assert result.output.startswith("Usage: ")
+    assert "--access-log" in CliRunner().invoke(cli, ["serve", "-h"]).output
+
+
+def test_hints_name_a_collection_command_that_runs(tmp_path, monkeypatch):
+    from collection import serve
+
+    monkeypatch.chdir(tmp_path)
+    beside = Path(sys.executable).parent / "collection"
+    monkeypatch.setattr(serve.shutil, "which", lambda name: None)  # not on PATH: as after `make run`
+    command = serve.cli_command()
+    if beside.exists():
+        assert command == str(beside)
+        result = subprocess.run([command, "--version"], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and "collection" in result.stdout
+    else:
+        assert command.endswith(" -m collection")
+    monkeypatch.setattr(serve.shutil, "which", lambda name: str(beside))  # the venv is activated
+    assert serve.cli_command() == ("collection" if beside.exists() else command)
