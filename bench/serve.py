@@ -1,6 +1,7 @@
 """Latency of the gallery, image and similar-image pages on a synthetic collection.
 
     .venv/bin/python bench/serve.py --images 10000 --requests 200
+    .venv/bin/python bench/serve.py --gallery-only 1000000 --requests 200
 
 Makes (once, cached) a collection of synthetic rows: clustered random unit vectors,
 five labels each and a few hundred distinct thumbnails, no model. Builds its Annoy
@@ -109,6 +110,72 @@ def collection(images: int, unindexed: int, dimensions: int) -> Path:
     return db_path
 
 
+def gallery_rows(images: int) -> Path:
+    """(Once, cached) a database of ``images`` rows with five labels each and one image in
+    20 deleted, but no vectors or thumbnails: enough for the gallery's queries."""
+    db_path = CACHE / f"gallery-{images}" / "collection.db"
+    if db_path.exists():
+        return db_path
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    store = Store(db_path)
+    stamp = now()
+    pick = random.Random(0)
+    with store.db.atomic():
+        for start in range(1, images + 1, 10_000):
+            ids = range(start, min(start + 10_000, images + 1))
+            labels = {i: pick.sample(LABELS, 5) for i in ids}
+            store.db.conn.executemany(
+                "insert into images (id, path, size, mtime, format, camera, added_at, labels, top_label, "
+                "deleted_at) values (?, ?, 1000, 0, ?, ?, ?, ?, ?, ?)",
+                [(i, f"/photos/{i:07d}.jpg", "PNG" if i % 10 == 0 else "JPEG", f"camera {i % 7}", stamp,
+                  json.dumps(labels[i]), labels[i][0], stamp if i % 20 == 0 else None) for i in ids],
+            )
+            store.db.conn.executemany(
+                "insert into labels (image_id, rank, wnid, label, score) values (?, ?, ?, ?, ?)",
+                [(i, r, f"n{r:08d}", label, 0.5 / r) for i in ids for r, label in enumerate(labels[i], 1)],
+            )
+    store.close()
+    return db_path
+
+
+def time_gallery_queries(images: int, rounds: int) -> None:
+    """The gallery's page queries straight on SQLite (no HTTP) at ``images`` rows."""
+    import sqlite3
+
+    from collection import gallery
+
+    started = time.perf_counter()
+    db_path = gallery_rows(images)
+    print(f"gallery queries: {images:,} images, {db_path} ({os.path.getsize(db_path) / 1e6:.0f} MB, "
+          f"ready in {time.perf_counter() - started:.1f}s); {rounds} rounds each, random page starts")
+    conn = sqlite3.connect(db_path)
+    rng = random.Random(1)
+    cases = [
+        ("first page", lambda: (gallery.Filters(), None)),
+        ("page before a random id", lambda: (gallery.Filters(), rng.randint(1, images))),
+        ("label, first page", lambda: (gallery.Filters(label=rng.choice(LABELS)), None)),
+        ("label, before a random id", lambda: (gallery.Filters(label=rng.choice(LABELS)), rng.randint(1, images))),
+        ("format=PNG, first page", lambda: (gallery.Filters(format="PNG"), None)),
+        ("label + camera", lambda: (gallery.Filters(label=rng.choice(LABELS), camera="camera 3"), None)),
+    ]
+    print(f"\n{'gallery query':<28} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}")
+    for name, make in cases:
+        ms = []
+        for _ in range(rounds):
+            filters, before = make()
+            t = time.perf_counter()
+            gallery.page(conn, filters, before)
+            ms.append((time.perf_counter() - t) * 1000)
+        ms.sort()
+        p95 = ms[min(len(ms) - 1, round(0.95 * (len(ms) - 1)))]
+        print(f"{name:<28} {statistics.median(ms):>8.2f} {p95:>8.2f} {ms[-1]:>8.2f}")
+    # The filter menus are counted once a minute (gallery.OPTIONS_TTL), not per request.
+    t = time.perf_counter()
+    gallery.options(conn, str(db_path))
+    print(f"{'filter menus (once a min)':<28} {(time.perf_counter() - t) * 1000:>8.2f}")
+    conn.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -148,14 +215,19 @@ def main() -> None:
     parser.add_argument("--unindexed", type=int, default=500, help="rows added after the index build")
     parser.add_argument("--dimensions", type=int, default=1280)
     parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--gallery-only", type=int, metavar="IMAGES",
+                        help="time only the gallery's SQL, at this many images (e.g. 1000000)")
     args = parser.parse_args()
 
-    started = time.perf_counter()
-    db_path = collection(args.images, args.unindexed, args.dimensions)
     flags = subprocess.run(
         ["grep", "-o", "-w", r"avx512[a-z_0-9]*\|avx2\|amx[a-z_]*", "/proc/cpuinfo"], capture_output=True, text=True
     ).stdout.split()
     print(f"CPU flags: {' '.join(sorted(set(flags))) or 'none of avx2, avx512, amx'}")
+    if args.gallery_only:
+        time_gallery_queries(args.gallery_only, args.requests)
+        return
+    started = time.perf_counter()
+    db_path = collection(args.images, args.unindexed, args.dimensions)
     print(f"collection: {args.images} images, {args.dimensions}-d vectors, {db_path} "
           f"({os.path.getsize(db_path) / 1e6:.0f} MB, ready in {time.perf_counter() - started:.1f}s)")
     port = free_port()

@@ -23,7 +23,7 @@ from datasette import Response, hookimpl
 from datasette.utils.asgi import BadRequest, NotFound
 from markupsafe import Markup
 
-from collection import gallery, live, serve
+from collection import gallery, live, projection, serve
 from collection.index import open_index, register_functions
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -33,6 +33,11 @@ IMAGE_TABLES = ("images", "live_images")
 SIMILAR_STRIP = 12  # neighbours on an image page
 # Formats a browser shows; an image page previews others by their thumbnail.
 WEB_FORMATS = {"JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP"}
+# The tables the home page lists, in this order, before any others: the ones a person
+# browsing a collection opens (the rest stay one click away on the database page).
+HOME_TABLES = ("live_images", "images", "labels", "matches", "failures", "ingest_log")
+# Left off the home page even without metadata.yml (plain `datasette collection.db`).
+BOOKKEEPING = {"_sqlite_migrations", "vector_changes"}
 
 
 # Which database of a Datasette instance is the collection, once found.
@@ -141,7 +146,8 @@ def extra_template_vars(template, datasette):
             return {}
         db = datasette.get_database(name)
         tables = set(await db.table_names()) | set(await db.view_names())
-        hidden = set(await db.hidden_table_names()) | {t for t in tables if t.startswith("sqlite_")} | BOOKKEEPING
+        hidden = set(await db.hidden_table_names()) | BOOKKEEPING
+        hidden |= {t for t in tables if t.startswith("sqlite_")}
         return {
             "collection": {
                 "name": name,
@@ -156,13 +162,6 @@ def extra_template_vars(template, datasette):
         }
 
     return inner
-
-
-# The tables the home page lists, in this order, before any others: the ones a person
-# browsing a collection opens (the rest stay one click away on the database page).
-HOME_TABLES = ("live_images", "images", "labels", "matches", "failures", "ingest_log")
-# Left off the home page even without metadata.yml (plain `datasette collection.db`).
-BOOKKEEPING = {"_sqlite_migrations", "vector_changes"}
 
 
 def home_pages(datasette) -> list[dict]:
@@ -305,8 +304,7 @@ async def image_page(datasette, request):
                 "database": db.name,
             },
             request=request,
-        ),
-        status=200,
+        )
     )
 
 
@@ -317,8 +315,6 @@ async def status(datasette, request):
         return serve.collection_totals(conn), serve.index_status(open_index(db.path).status())
 
     totals, index = await db.execute_fn(query)
-    from collection import projection  # the map's summary; no TensorFlow
-
     state = {
         "watcher": live.read(db.path),
         "collection": totals,
