@@ -229,10 +229,8 @@ async def gallery_page(datasette, request):
     except gallery.BadFilter as e:
         raise BadRequest(str(e)) from None
 
-    def query(conn):
-        return gallery.page(conn, filters, before), gallery.options(conn, db.path)
-
-    found, options = await db.execute_fn(query)
+    found = await db.execute_fn(lambda conn: gallery.page(conn, filters, before))
+    options = gallery.options(db.path)
     urls = datasette.urls
 
     def link(**changes) -> str:

@@ -882,3 +882,14 @@ def test_hints_name_a_collection_command_that_runs(tmp_path, monkeypatch):
         assert command.endswith(" -m collection")
     monkeypatch.setattr(serve.shutil, "which", lambda name: str(beside))  # the venv is activated
     assert serve.cli_command() == ("collection" if beside.exists() else command)
+
+
+def test_gallery_menus_are_counted_in_the_background(collection):
+    from collection import gallery
+
+    db_path = str(collection[0])
+    menus = wait_until(lambda: gallery.options(db_path), timeout=30, message="the menus to be counted")
+    assert dict(menus["format"]) == {"JPEG": 5, "PNG": 1}  # live images only: gone.jpg left out
+    assert dict(menus["camera"]) == {"Canon EOS 5D": 2, "Pixel 7": 2}
+    assert dict(menus["year"]) == {2021: 3, 2019: 1} and menus["place"] == 0
+    assert gallery.options(db_path) is menus  # reused until due again, not counted per request
