@@ -11,10 +11,10 @@ finished and when the busy spell they belong to began (files were waiting); ``re
 turns those into images per second over the last minute at the moment of reading:
 the files finished in the last minute over the time since work on them began (or a
 minute, if longer). A burst shows its real pace while it runs, and the rate falls to 0
-once the watcher is idle even if nothing writes; a watcher that stopped writing is
-reported as gone. Totals (images,
-deleted, failures) are not here: the status page counts them in the database, so a
-restart never looks like data lost.
+once the watcher is idle even if nothing writes. A watcher that has stopped writing
+and whose process is gone (or that has not written for ten minutes) is reported as not
+running. Totals (images, deleted, failures) are not here: the status page counts them
+in the database, so a restart never looks like data lost.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from pathlib import Path
 WINDOW = 60.0  # seconds the rate is measured over
 EVERY = 1.0  # at most one write a second
 HEARTBEAT = 10.0  # written at least this often while the watcher runs
-GONE_AFTER = 3 * HEARTBEAT  # no write for this long: the watcher is not running
+GONE_AFTER = 3 * HEARTBEAT  # no write for this long, and no such process: not running
+STALE_AFTER = 600.0  # no write for this long: not running, whatever holds its pid now
 COUNTERS = ("seen", "stored", "failed", "deleted", "queued")
 
 
@@ -129,7 +130,11 @@ def read(db_path: str | os.PathLike, now: float | None = None) -> dict | None:
         return None
     now = time.time() if now is None else now
     written_at = float(record.get("written_at") or 0)
-    running = record.get("state") != "stopped" and now - written_at < GONE_AFTER
+    # A scan of a huge folder can go a while without a write: a live process still counts.
+    quiet = now - written_at
+    running = record.get("state") != "stopped" and (
+        quiet < GONE_AFTER or (quiet < STALE_AFTER and _alive(record.get("pid")))
+    )
     done = [entry for entry in record.get("done") or [] if entry[0] >= now - WINDOW]
     rate = 0.0
     if running and done:
@@ -147,3 +152,16 @@ def read(db_path: str | os.PathLike, now: float | None = None) -> dict | None:
         "written_at": written_at,
         "pid": record.get("pid"),
     }
+
+
+def _alive(pid) -> bool:
+    """Whether a process with this id exists here (the watcher and the server share a host)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True

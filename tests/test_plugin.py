@@ -847,6 +847,13 @@ async def test_status_reads_what_the_recorder_wrote(ds, collection):
     assert later["running"] and later["rate"] == pytest.approx(100 / 30, abs=0.01)
     gone = live.read(db_path, now=clock[0] + 61)  # ...to 0 after a minute; no writes needed
     assert gone["rate"] == 0.0
+    quiet = live.read(db_path, now=clock[0] + 100)  # no write for 100 s, but its process lives
+    assert quiet["running"] and quiet["rate"] == 0.0
+    record = json.loads(live.status_path(db_path).read_text())
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    live.status_path(db_path).write_text(json.dumps({**record, "pid": int(dead.stdout)}))
+    assert not live.read(db_path, now=clock[0] + 100)["running"]  # killed (kill -9): not running
+    assert live.read(db_path, now=clock[0] + 10)["running"]  # ...though a recent write still counts
     recorder.report(Stats(state="stopped", seen=100, stored=100), force=True)
     assert live.read(db_path, now=clock[0])["state"] == "not running"
     assert (await ds.client.get("/-/status.json")).json()["watcher"]["session"]["stored"] == 100
