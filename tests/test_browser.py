@@ -289,14 +289,14 @@ def test_status_during_a_burst_then_a_deleted_image(tmp_path, page):
         burst = 60
         for n in range(burst):
             make_image(inbox / f"burst-{n:02d}.jpg", seed=100 + n, size=(320, 240), fmt="JPEG")
-        samples = []
+        samples, shot = [], None
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             samples.append(status_numbers(page))
             if samples[-1]["collection.images"] == str(burst) and samples[-1]["watcher.queued"] == "0":
                 break
-            if len(samples) == 3:
-                screenshot(page, "status-burst")
+            if 0 < int(samples[-1]["collection.images"] or 0) < burst and not shot:
+                shot = screenshot(page, "status-burst")  # mid-burst: some stored, more queued
             time.sleep(0.4)
         seen_counts = {s["collection.images"] for s in samples}
         assert len(seen_counts) >= 3, samples  # the numbers moved while the burst went in
