@@ -223,11 +223,10 @@ def bench_page(count: int, dimensions: int, threads: int | None) -> None:
         [
             sys.executable,
             "-m",
-            "datasette",
+            "collection",
             "serve",
+            "--db",
             str(db_path),
-            "--plugins-dir",
-            "datasette_plugins",
             "--host",
             "127.0.0.1",
             "--port",

@@ -99,7 +99,8 @@ def run(
 
     import uvicorn
 
-    ds = open_datasette(db_path, metadata_path)
+    # DATASETTE_SECRET as `datasette serve` reads it: signed cookies outlive a restart.
+    ds = open_datasette(db_path, metadata_path, secret=os.environ.get("DATASETTE_SECRET"))
     asyncio.run(ds.invoke_startup())
     uvicorn.run(ds.app(), host=host, port=port, log_level="info", lifespan="on", access_log=access_log)
 

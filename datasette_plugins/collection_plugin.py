@@ -173,8 +173,11 @@ def home_pages(datasette) -> list[dict]:
         ("Gallery", "/-/gallery", "every image, newest first, by label, format, camera, year or place"),
         ("Map", "/-/map", "the collection laid out by similarity"),
     ]
-    if "datasette_plugins.duplicates_plugin" in {p.__name__ for p in pm.get_plugins()}:
-        pages.append(("Duplicates", "/-/duplicates", "near-identical images"))
+    installed = {p.__name__ for p in pm.get_plugins()}
+    if "datasette_plugins.duplicates_plugin" in installed:
+        pages.append(("Duplicates", "/-/duplicates", "exact and near-identical copies, to review"))
+    if "datasette_plugins.labels_plugin" in installed:
+        pages.append(("Labels", "/-/labels", "the labels and the WordNet categories above them"))
     pages += [
         ("Search by label", "/-/gallery#search", "images the model gave a label"),
         ("Watcher status", "/-/status", "what the watcher is doing now, and how current the index and map are"),

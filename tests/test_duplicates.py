@@ -415,11 +415,10 @@ def test_review_page_in_chromium(photos, tmp_path):
     secret = "test-secret"
     port = free_port()
     log = open(tmp_path / "datasette.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "datasette", "serve", str(db_path), "--metadata", str(ROOT / "metadata.yml"),
-         "--plugins-dir", str(ROOT / "datasette_plugins"), "--host", "127.0.0.1", "--port", str(port),
-         "--secret", secret],
-        stdout=log, stderr=subprocess.STDOUT,
+    process = subprocess.Popen(  # `collection serve` registers the plugins, as the entry points do
+        [sys.executable, "-m", "collection", "serve", "--db", str(db_path), "--metadata", str(ROOT / "metadata.yml"),
+         "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "DATASETTE_SECRET": secret},
     )
     base = f"http://127.0.0.1:{port}"
     try:

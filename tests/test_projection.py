@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import pytest_asyncio
 from click.testing import CliRunner
-from datasette.app import Datasette
 from PIL import Image, ImageDraw, ImageOps
 
 from collection import projection
 from collection.cli import cli
-from collection.serve import PLUGINS_DIR
+from collection.serve import open_datasette
 from collection.store import Store
 
 from test_plugin import raw_get
@@ -423,7 +422,7 @@ async def mapped(collection):
     )
     projection.place_new(store, [late])
     store.close()
-    ds = Datasette([str(db_path)], plugins_dir=str(PLUGINS_DIR))
+    ds = open_datasette(db_path)
     await ds.invoke_startup()
     return ds, members, gone, late
 
@@ -522,7 +521,7 @@ async def test_map_page(mapped):
 
 @pytest.mark.asyncio
 async def test_map_page_without_a_map(collection):
-    ds = Datasette([str(collection[0])], plugins_dir=str(PLUGINS_DIR))
+    ds = open_datasette(collection[0])
     await ds.invoke_startup()
     response = await ds.client.get("/-/map")
     assert response.status_code == 200
