@@ -1,10 +1,16 @@
-"""Ingest throughput: the 2017 loop vs the model's ceiling vs `collection add`.
+"""Ingest throughput per model x runtime x precision: the model's ceiling vs `collection add`.
 
     .venv/bin/python bench/ingest.py --count 200
 
 Builds (once, cached) a corpus of distinct files from real photos: crops, flips,
 scales and re-encodes, 640x480 up to 4000x3000. Each configuration runs in its
-own subprocess so that its peak RSS is its own. Prints one table.
+own subprocess so that its peak RSS is its own; configurations alternate in
+rounds and the tables show medians. In the same run it measures what decoding
+costs per format, the bound that cores / (model core-seconds + decode
+core-seconds) per image puts on `add`, and how far each runtime and precision
+agrees with TensorFlow fp32 (top-1 labels, 10-NN overlap, lowest cosine) with
+the real EfficientNet-Lite0 weights (Inception v3 runs with random weights: for
+speed only).
 """
 
 from __future__ import annotations
@@ -25,15 +31,11 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-SEEDS = ROOT.parent / "shared" / "photos"
+# The real photos beside the checkout (/work/main -> /work/shared/photos), or where the env says.
+SEEDS = Path(os.environ.get("COLLECTION_PHOTOS") or ROOT.parent / "shared" / "photos")
 CACHE = Path(tempfile.gettempdir()) / "collection-bench"
-CONFIGS = [
-    ("loop2017", "fp32"),
-    ("ceiling", "fp32"),
-    ("add", "fp32"),
-    ("ceiling", "bf16"),
-    ("add", "bf16"),
-]
+CORES = os.cpu_count() or 1
+CPU_FLAGS = "grep -o -w 'avx512[a-z_0-9]*\\|avx2\\|amx[a-z_]*' /proc/cpuinfo | sort -u"
 
 
 def seed_photos() -> list[Image.Image]:
@@ -50,7 +52,8 @@ def seed_photos() -> list[Image.Image]:
 
 
 def build_corpus(count: int, seed: int = 0) -> Path:
-    folder = CACHE / f"corpus-{count}-{seed}"
+    source = "photos" if any(SEEDS.glob("*.jpg")) else "samples"
+    folder = CACHE / f"corpus-{count}-{seed}-{source}"
     if folder.is_dir() and len(list(folder.iterdir())) == count:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
@@ -93,18 +96,20 @@ def inception_weights_file() -> str:
     return str(path)
 
 
-def make_model(name: str, precision: str):
+def make_model(name: str, runtime: str, precision: str):
     from collection.models import get_model
 
     weights = inception_weights_file() if name == "inception_v3" else None
-    return get_model(name, weights=weights, precision=precision).load()
+    model = get_model(name, weights=weights, precision=precision, runtime=runtime).load()
+    assert model.runtime == runtime, f"asked for {runtime}, got {model.runtime}"
+    return model
 
 
 def run_loop2017(name: str, precision: str, files: list[Path]) -> float:
     """Batch of one, the network run twice per image (softmax, then pool), plain decode."""
     import tensorflow as tf
 
-    model = make_model(name, precision)
+    model = make_model(name, "tensorflow", precision)
     keras_model = model.keras_model
     size = model.input_size
     as_probs = tf.function(lambda x: keras_model(x, training=False)[1])
@@ -125,38 +130,63 @@ def run_loop2017(name: str, precision: str, files: list[Path]) -> float:
     return len(files) / (time.perf_counter() - start)
 
 
-def run_ceiling(name: str, precision: str, files: list[Path]) -> tuple[float, int]:
-    """The model alone on pre-decoded tensors, at its best batch size.
+def run_ceiling(name: str, runtime: str, precision: str, files: list[Path]) -> dict:
+    """The model alone on pre-decoded tensors, at its best batch size, and its
+    core-seconds per image (the process's CPU time over the same loop).
 
     A short sweep picks the batch size; the rate is then measured afresh over as
     many images as `add` gets, so that the best of several noisy runs is not
     what `add` is compared with."""
-    model = make_model(name, precision)
+    model = make_model(name, runtime, precision)
     from collection import images
 
     pixels = [model.prepare(images.decode(p, min_side=model.min_side).image) for p in files[:64]]
 
-    def rate(batch_size: int, count: int) -> float:
+    def rate(batch_size: int, count: int) -> tuple[float, float]:
         batch = [pixels[i % len(pixels)] for i in range(batch_size)]
         model.embed_batch(batch)  # warm up this shape
-        done, start = 0, time.perf_counter()
+        done, start, cpu = 0, time.perf_counter(), time.process_time()
         while done < count:
             model.embed_batch(batch)
             done += batch_size
-        return done / (time.perf_counter() - start)
+        return done / (time.perf_counter() - start), (time.process_time() - cpu) / done
 
-    sweep = {size: rate(size, 64) for size in (8, 16, 32, 64)}
+    sweep = {size: rate(size, 64)[0] for size in (8, 16, 32, 64)}
     best = max(sweep, key=sweep.get)
-    return rate(best, len(files)), best
+    images_per_s, core_s = rate(best, len(files))
+    return {"rate": images_per_s, "batch": best, "model_core_ms": 1000 * core_s}
 
 
-def run_add(name: str, precision: str, files: list[Path], batch_size: int | None) -> tuple[float, dict, float]:
+def run_decode(name: str, files: list[Path]) -> dict:
+    """What `add`'s decoding thread does per file (read, hash, decode at reduced size,
+    fit to the model, thumbnail), on one thread: core-ms per image, by format."""
+    from collection import images
+    from collection.models import get_model
+
+    model = get_model(name)  # not built: prepare() and min_side need no weights
+    by_format: dict[str, list[float]] = {}
+    for path in files:
+        cpu = time.process_time()
+        data = path.read_bytes()
+        images.sha256_bytes(data)
+        decoded = images.decode(path, data, model.min_side)
+        model.prepare(decoded.image)
+        images.thumbnail(decoded.image)
+        by_format.setdefault(decoded.format, []).append(1000 * (time.process_time() - cpu))
+    every = [ms for values in by_format.values() for ms in values]
+    return {
+        "decode_core_ms": float(np.mean(every)),
+        "formats": {fmt: (len(v), float(np.mean(v))) for fmt, v in by_format.items()},
+    }
+
+
+def run_add(name: str, runtime: str, precision: str, files: list[Path], batch_size: int | None) -> dict:
     """`collection add` end to end: decode + model + SQLite + matches, into a new database."""
     from collection.ingest import Ingester
     from collection.store import Store
     from collection.upkeep import Upkeep
 
-    model = make_model(name, precision)
+    model = make_model(name, runtime, precision)
     model.embed_batch([np.zeros((model.input_size,) * 2 + (3,), np.uint8)] * (batch_size or model.batch_size))
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "bench.db")
@@ -176,7 +206,39 @@ def run_add(name: str, precision: str, files: list[Path], batch_size: int | None
     shares = {k: v / elapsed for k, v in summary.seconds.items()}
     # Flat memory: resident size at the end against after the first quarter of the batches.
     growth = rss[-1] - rss[len(rss) // 4]
-    return len(files) / elapsed, shares, growth
+    return {"rate": len(files) / elapsed, "shares": shares, "rss_growth_mb": growth, "workers": ingester.workers}
+
+
+def run_agreement(name: str, files: list[Path], configs: list[tuple[str, str]]) -> dict:
+    """Each (runtime, precision) against TensorFlow fp32 on every file: top-1 label
+    agreement, mean overlap of the 10 nearest neighbours, lowest cosine of one image's
+    two vectors."""
+    from collection import images
+
+    def embed(runtime: str, precision: str) -> tuple[np.ndarray, np.ndarray]:
+        model = make_model(name, runtime, precision)
+        pixels = [model.prepare(images.decode(p, min_side=model.min_side).image) for p in files]
+        parts = [model.embed_batch(pixels[i : i + 16]) for i in range(0, len(pixels), 16)]
+        return np.concatenate([v for v, _ in parts]), np.concatenate([p for _, p in parts])
+
+    v0, p0 = embed("tensorflow", "fp32")
+    n0 = neighbours(v0, 10)
+    out = {}
+    for runtime, precision in configs:
+        v, p = (v0, p0) if (runtime, precision) == ("tensorflow", "fp32") else embed(runtime, precision)
+        n = neighbours(v, 10)
+        out[f"{runtime} {precision}"] = {
+            "top1": float(np.mean(p0.argmax(1) == p.argmax(1))),
+            "overlap": float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(n0, n)])),
+            "min_cos": float(np.min(np.sum(v0 * v, axis=1))),
+        }
+    return out
+
+
+def neighbours(vectors: np.ndarray, k: int) -> np.ndarray:
+    scores = vectors @ vectors.T
+    np.fill_diagonal(scores, -np.inf)
+    return np.argsort(-scores, axis=1)[:, :k]
 
 
 def current_rss_mb() -> float:
@@ -186,105 +248,150 @@ def current_rss_mb() -> float:
 
 def child(args) -> None:
     files = sorted(Path(args.corpus).iterdir())
-    result: dict = {}
     if args.run == "loop2017":
-        result["rate"] = run_loop2017(args.model, args.precision, files)
+        result = {"rate": run_loop2017(args.model, args.precision, files)}
     elif args.run == "ceiling":
-        result["rate"], result["batch"] = run_ceiling(args.model, args.precision, files)
+        result = run_ceiling(args.model, args.runtime, args.precision, files)
+    elif args.run == "decode":
+        result = run_decode(args.model, files)
+    elif args.run == "agreement":
+        configs = [tuple(c.split(" ")) for c in args.configs.split(",")]
+        result = run_agreement(args.model, files, configs)
     else:
-        result["rate"], result["shares"], result["rss_growth_mb"] = run_add(args.model, args.precision, files, args.batch_size)
+        result = run_add(args.model, args.runtime, args.precision, files, args.batch_size)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
 
 
-def measure(run: str, name: str, precision: str, corpus: Path, batch_size: int | None) -> dict:
+def measure(run: str, name: str, corpus: Path, runtime: str = "", precision: str = "", **extra) -> dict:
     """One configuration in a subprocess of its own, so that its peak RSS is its own."""
-    command = [sys.executable, __file__, "--run", run, "--model", name, "--precision", precision, "--corpus", str(corpus)]
-    if batch_size:
-        command += ["--batch-size", str(batch_size)]
+    command = [sys.executable, __file__, "--run", run, "--model", name, "--corpus", str(corpus)]
+    command += ["--runtime", runtime, "--precision", precision]
+    for key, value in extra.items():
+        if value is not None:
+            command += [f"--{key.replace('_', '-')}", str(value)]
     out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if out.returncode != 0:
         print(out.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(f"{run} {name} {precision} failed")
+        raise SystemExit(f"{run} {name} {runtime} {precision} failed")
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    batch = f" (batch {r['batch']})" if "batch" in r else ""
-    growth = f", RSS {r['rss_growth_mb']:+.0f} MB from the first quarter to the end" if "rss_growth_mb" in r else ""
-    print(f"  {name:<18} {run:<9} {precision}: {r['rate']:6.2f} images/s{batch}, peak RSS {r['peak_rss_mb']:.0f} MB{growth}", flush=True)
+    if "rate" in r:
+        batch = f" (batch {r['batch']}, {r['model_core_ms']:.1f} core-ms/image)" if "batch" in r else ""
+        growth = f", {r['workers']} decode threads, RSS {r['rss_growth_mb']:+.0f} MB from the first quarter to the end" if "rss_growth_mb" in r else ""
+        print(f"  {name:<18} {run:<9} {runtime:<10} {precision}: {r['rate']:6.2f} images/s{batch}, peak RSS {r['peak_rss_mb']:.0f} MB{growth}", flush=True)
+    elif "decode_core_ms" in r:
+        print(f"  {name:<18} decode: {r['decode_core_ms']:.1f} core-ms/image", flush=True)
     return r
 
 
 def combine(runs: list[dict]) -> dict:
-    """Median rate (and time shares) over rounds, highest peak RSS."""
-    out = {"rate": float(np.median([r["rate"] for r in runs])), "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
+    """Medians over rounds (rates, core-ms, time shares), highest peak RSS."""
+    out = {"peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
+    for key in ("rate", "model_core_ms", "decode_core_ms"):
+        if key in runs[0]:
+            out[key] = float(np.median([r[key] for r in runs]))
     if "batch" in runs[0]:
         out["batch"] = Counter(r["batch"] for r in runs).most_common(1)[0][0]
     if "rss_growth_mb" in runs[0]:
         out["rss_growth_mb"] = max(r["rss_growth_mb"] for r in runs)
+        out["workers"] = runs[0]["workers"]
     if "shares" in runs[0]:
         keys = {k for r in runs for k in r["shares"]}
         out["shares"] = {k: float(np.median([r["shares"].get(k, 0.0) for r in runs])) for k in keys}
+    if "formats" in runs[0]:
+        out["formats"] = {
+            fmt: (n, float(np.median([r["formats"][fmt][1] for r in runs]))) for fmt, (n, _) in runs[0]["formats"].items()
+        }
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=200, help="files in the corpus")
-    parser.add_argument("--models", default="inception_v3,efficientnet_lite0")
+    parser.add_argument("--models", default="efficientnet_lite0,inception_v3")
+    parser.add_argument("--runtimes", default="tensorflow,openvino")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--batch-size", type=int, default=None, help="for add (default: the model's own)")
-    parser.add_argument("--rounds", type=int, default=3, help="ceiling and add run alternately this many times; medians are shown")
+    parser.add_argument("--rounds", type=int, default=3, help="configurations run alternately this many times; medians are shown")
+    parser.add_argument("--loop2017", action="store_true", help="also time the 2017 loop (batch 1, two passes), once")
     parser.add_argument("--run", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--runtime", help=argparse.SUPPRESS)
     parser.add_argument("--precision", help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
+    parser.add_argument("--configs", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
         return child(args)
 
     corpus = build_corpus(args.count)
     megapixels = np.mean([np.prod(Image.open(p).size) for p in corpus.iterdir()]) / 1e6
-    print(f"corpus: {args.count} files, mean {megapixels:.1f} MP, in {corpus}")
-    print(f"machine: {os.cpu_count()} cores; command: {' '.join(sys.argv)}\n")
-    precisions = args.precisions.split(",")
-    configs = [(run, precision) for run, precision in CONFIGS if precision in precisions]
+    flags = subprocess.run(CPU_FLAGS, shell=True, capture_output=True, text=True).stdout.split()
+    print(f"corpus: {args.count} files, mean {megapixels:.1f} MP, in {corpus} (from {SEEDS if 'photos' in corpus.name else 'scikit samples'})")
+    print(f"machine: {CORES} cores; CPU flags: {' '.join(flags) or '(none of avx2/avx512/amx)'}")
+    print(f"command: {' '.join(sys.argv)}\n")
+    configs = [(rt, p) for p in args.precisions.split(",") for rt in args.runtimes.split(",")]
     rows = []
     for name in args.models.split(","):
-        runs: dict[tuple[str, str], list[dict]] = {config: [] for config in configs}
-        for round_ in range(args.rounds):
-            for run, precision in configs:
-                if run == "loop2017" and round_ > 0:
-                    continue  # slow, and far enough from the rest that one run tells
-                runs[(run, precision)].append(measure(run, name, precision, corpus, args.batch_size))
-        rows.append((name, {config: combine(r) for config, r in runs.items()}))
+        loop = measure("loop2017", name, corpus, "tensorflow", "fp32") if args.loop2017 else None
+        runs: dict[tuple, list[dict]] = {("decode",): []}
+        for config in configs:
+            runs[("ceiling", *config)] = []
+            runs[("add", *config)] = []
+        for _ in range(args.rounds):
+            runs[("decode",)].append(measure("decode", name, corpus))
+            for runtime, precision in configs:
+                for run in ("ceiling", "add"):
+                    runs[(run, runtime, precision)].append(
+                        measure(run, name, corpus, runtime, precision, batch_size=args.batch_size)
+                    )
+        agreement = {}
+        if name == "efficientnet_lite0":  # real weights: agreement means something
+            agreement = measure("agreement", name, corpus, configs=",".join(f"{r} {p}" for r, p in configs))
+        rows.append((name, loop, agreement, {key: combine(r) for key, r in runs.items()}))
 
-    print(f"\nMedians of {args.rounds} rounds (the 2017 loop: one run). RSS growth: `add`'s resident")
-    print("size at the end less after the first quarter of its batches (the largest over rounds).\n")
-    print("| model | configuration | precision | images/s | peak RSS MB | RSS growth MB | 3/1 | 3/2 |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    labels = {"loop2017": "1. 2017 loop (batch 1, two passes)", "ceiling": "2. forward pass alone", "add": "3. collection add, end to end"}
-    for name, results in rows:
-        loop = results.get(("loop2017", "fp32"), {}).get("rate")
-        for (run, precision), r in results.items():
-            ratio1 = ratio2 = ""
-            if run == "add":
-                ceiling = results.get(("ceiling", precision), {}).get("rate")
-                ratio1 = f"{r['rate'] / loop:.2f}" if loop else ""
-                ratio2 = f"{r['rate'] / ceiling:.2f}" if ceiling else ""
-            batch = f" (batch {r['batch']})" if "batch" in r else ""
-            growth = f"{r['rss_growth_mb']:+.0f}" if "rss_growth_mb" in r else ""
-            print(f"| {name} | {labels[run]}{batch} | {precision} | {r['rate']:.2f} | {r['peak_rss_mb']:.0f} | {growth} | {ratio1} | {ratio2} |")
+    print(f"\nMedians of {args.rounds} rounds, configurations alternating (the machine is shared: figures are noisy).")
+    print("bound: cores / (model core-ms + decode core-ms) per image, from the same run. vs TF: against TensorFlow at the same precision.")
+    print("Agreement against TensorFlow fp32 on every file (real weights; Inception v3 has random ones, so speed only).\n")
+    print("| model | runtime | precision | ceiling images/s | ceiling vs TF | model core-ms | decode core-ms | bound images/s "
+          "| add images/s | add vs TF | add / bound | add / ceiling | top-1 | 10-NN | min cos | peak RSS MB |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, loop, agreement, results in rows:
+        decode = results[("decode",)]["decode_core_ms"]
+        for runtime, precision in configs:
+            ceiling, add = results[("ceiling", runtime, precision)], results[("add", runtime, precision)]
+            tf_ceiling = results[("ceiling", "tensorflow", precision)]["rate"] if ("ceiling", "tensorflow", precision) in results else None
+            tf_add = results[("add", "tensorflow", precision)]["rate"] if ("add", "tensorflow", precision) in results else None
+            bound = 1000 * CORES / (ceiling["model_core_ms"] + decode)
+            a = agreement.get(f"{runtime} {precision}")
+            agree = f"{a['top1']:.3f} | {a['overlap']:.3f} | {a['min_cos']:.5f}" if a else " |  | "
+            print(
+                f"| {name} | {runtime} | {precision} | {ceiling['rate']:.1f} (batch {ceiling['batch']}) "
+                f"| {ceiling['rate'] / tf_ceiling:.2f} | {ceiling['model_core_ms']:.1f} | {decode:.1f} | {bound:.1f} "
+                f"| {add['rate']:.1f} ({add['workers']} decode threads) | {add['rate'] / tf_add:.2f} | {add['rate'] / bound:.2f} "
+                f"| {add['rate'] / ceiling['rate']:.2f} | {agree} | {max(ceiling['peak_rss_mb'], add['peak_rss_mb']):.0f} |"
+                if tf_ceiling and tf_add else f"| {name} | {runtime} | {precision} | {ceiling['rate']:.1f} | | | | | {add['rate']:.1f} | | | | {agree} | |"
+            )
+        if loop:
+            print(f"| {name} | 2017 loop (batch 1, two passes) | fp32 | | | | | | {loop['rate']:.2f} | | | | | | | {loop['peak_rss_mb']:.0f} |")
+
+    print("\nDecoding per format (one thread: read, hash, decode at reduced size, fit to the model, thumbnail):\n")
+    print("| model (input) | format | files | core-ms per image |")
+    print("| --- | --- | ---: | ---: |")
+    for name, _, _, results in rows:
+        for fmt, (n, ms) in sorted(results[("decode",)]["formats"].items()):
+            print(f"| {name} | {fmt} | {n} | {ms:.1f} |")
 
     print("\nWhere `add` spends its wall-clock time (calling thread; decoding: waiting for images not yet decoded):\n")
     parts = ["model", "decoding", "writing", "after batch"]
-    print("| model | precision | " + " | ".join(parts) + " | other |")
-    print("| --- | --- | " + " | ".join("---:" for _ in parts) + " | ---: |")
-    for name, results in rows:
-        for (run, precision), r in results.items():
-            if run != "add":
-                continue
+    print("| model | runtime | precision | " + " | ".join(parts) + " | other |")
+    print("| --- | --- | --- | " + " | ".join("---:" for _ in parts) + " | ---: |")
+    for name, _, _, results in rows:
+        for runtime, precision in configs:
+            r = results[("add", runtime, precision)]
             shares = [r["shares"].get(part, 0.0) for part in parts]
             cells = " | ".join(f"{100 * x:.0f} %" for x in shares + [max(0.0, 1 - sum(shares))])
-            print(f"| {name} | {precision} | {cells} |")
+            print(f"| {name} | {runtime} | {precision} | {cells} |")
 
 
 if __name__ == "__main__":

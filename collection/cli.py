@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,7 +29,16 @@ def db_option(f):
 
 def model_options(f):
     from .models import AUTO, MODELS, PRECISIONS
+    from .runtimes import RUNTIMES
 
+    f = click.option(
+        "--runtime",
+        type=click.Choice(RUNTIMES),
+        default=lambda: os.environ.get("COLLECTION_RUNTIME", AUTO),
+        show_default=AUTO,
+        help="What runs the model (env COLLECTION_RUNTIME): auto is TensorFlow when it sees a GPU, "
+        "else OpenVINO (faster on CPUs), else TensorFlow. Same vectors at fp32.",
+    )(f)
     f = click.option(
         "--precision",
         type=click.Choice(PRECISIONS),
@@ -59,14 +69,17 @@ def open_store(db_path: str, create: bool = True) -> Store:
         raise click.ClickException(str(e)) from None
 
 
-def load_model(store: Store, name: str, weights: str | None, precision: str):
+def load_model(store: Store, name: str, weights: str | None, precision: str, runtime: str = "auto"):
     """Resolve and build the model, turning every model problem into one clear line."""
     from .models import ModelError, choose
 
+    def say(line: str) -> None:
+        click.echo(line, err=True)
+
     try:
-        model = choose(name, store.model, weights, precision, echo=lambda m: click.echo(m, err=True))
+        model = choose(name, store.model, weights, precision, echo=say, runtime=runtime)
         store.claim_model(model.model_id, model.dimensions, model.precision)
-        return model.load()
+        return model.load(echo=say)
     except (ModelError, StoreError) as e:
         raise click.ClickException(str(e)) from None
 
@@ -87,7 +100,7 @@ def cli():
 @model_options
 @click.option("-r", "--recursive", is_flag=True, help="Descend into subfolders.")
 @click.option("--batch-size", type=click.IntRange(1, 1024), help="Images per model call [default: the model's, 16].")
-def add(paths, db_path, model_name, weights, precision, recursive, batch_size):
+def add(paths, db_path, model_name, weights, precision, runtime, recursive, batch_size):
     """Add image files (or folders of them) to the collection.
 
     Unchanged files are skipped, renamed or copied files reuse their stored
@@ -97,10 +110,11 @@ def add(paths, db_path, model_name, weights, precision, recursive, batch_size):
     from .upkeep import Upkeep
 
     store = open_store(db_path)
+    started = time.perf_counter()
     files = list(iter_files(paths, recursive))
     if not files:
         raise click.ClickException("no image files found (use --recursive for subfolders)")
-    model = load_model(store, model_name, weights, precision)
+    model = load_model(store, model_name, weights, precision, runtime)
     upkeep = Upkeep(store, refresh_map=False)
     ingester = Ingester(store, model, batch_size=batch_size, on_batch=upkeep.after_batch)
     if len(files) >= PROGRESS_FROM:
@@ -109,6 +123,11 @@ def add(paths, db_path, model_name, weights, precision, recursive, batch_size):
     else:
         summary = ingester.add(files)
     upkeep.join()
+    store.log_ingest(
+        {"source": "add", "files": summary.seen, "added": summary.added, "updated": summary.updated,
+         "reused": summary.reused, "unchanged": summary.unchanged, "failed": summary.failed,
+         "seconds": round(time.perf_counter() - started, 3), "runtime": model.runtime_version}
+    )
     click.echo(summary.line())
     if summary.failed:
         click.echo(f"See why with: collection failures --db {db_path}", err=True)
@@ -171,6 +190,24 @@ def models():
         if where is None and name == "inception_v3":
             where = "not here: downloaded by Keras on first use"
         click.echo(f"{name:<20} {cls.dimensions:>10} {cls.input_size:>5}px  {where}")
+    _runtimes_table()
+
+
+def _runtimes_table() -> None:
+    """Each runtime and precision with its measured agreement with TensorFlow fp32."""
+    from .runtimes import AGREEMENT, DEFAULT_BARS, OPENVINO, RuntimeUnavailable, openvino_version
+
+    try:
+        openvino = f"OpenVINO {openvino_version()} loads here"
+    except RuntimeUnavailable as e:
+        openvino = str(e)
+    click.echo(f"\nruntimes: tensorflow, openvino ({openvino}); --runtime auto picks TensorFlow on a GPU, else OpenVINO.")
+    click.echo("Agreement with TensorFlow fp32 (efficientnet_lite0, real photos, bench/ingest.py):")
+    click.echo(f"{'runtime':<12} {'precision':<10} {'top-1':>6} {'10-NN':>6} {'min cos':>8}  default?")
+    for (runtime, precision), (top1, overlap, cosine) in AGREEMENT.items():
+        fit = top1 >= DEFAULT_BARS[0] and overlap >= DEFAULT_BARS[1]
+        verdict = "default" if precision == "fp32" else ("could be" if fit else "never: below the bar")
+        click.echo(f"{runtime:<12} {precision:<10} {top1:>6.3f} {overlap:>6.3f} {cosine:>8.4f}  {verdict}")
 
 
 @cli.command()
@@ -221,12 +258,12 @@ def watch_options(f):
     return model_options(db_option(f))
 
 
-def _watcher(folder, db_path, model_name, weights, precision, poll, rescan_every, ignore, batch_size):
+def _watcher(folder, db_path, model_name, weights, precision, runtime, poll, rescan_every, ignore, batch_size):
     from .ingest import IGNORE
     from .watcher import StatusLine, Watcher
 
     store = open_store(db_path)
-    model = load_model(store, model_name, weights, precision)
+    model = load_model(store, model_name, weights, precision, runtime)
     store.close()
     status = StatusLine()
     watcher = Watcher(

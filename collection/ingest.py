@@ -20,6 +20,7 @@ import numpy as np
 
 from . import images
 from .models import Model
+from .runtimes import OPENVINO
 from .store import Store
 
 
@@ -120,7 +121,14 @@ def decode_workers(model: Model) -> int:
     images/s than decoding on both cores while the model waits, and a second thread
     alongside the model gave nothing more)."""
     cores = os.cpu_count() or 1
-    return min(4, cores) if model.accelerated else max(1, cores // 4)
+    if model.accelerated:
+        return min(4, cores)
+    if model.runtime == OPENVINO:
+        # OpenVINO needs a fraction of decoding's core-seconds per image (bench/ingest.py:
+        # about 10 core-ms against 20-45), so decoding is the limit: a thread per core,
+        # the model's short passes interleaving with them.
+        return cores
+    return max(1, cores // 4)
 
 
 def _chunks(items: Iterable, size: int) -> Iterator[list]:

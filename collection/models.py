@@ -1,8 +1,9 @@
 """The model registry: ImageNet classifiers that give a vector and labels in one pass.
 
 Every model has the same small interface (``model_id``, ``dimensions``,
-``batch_size``, ``input_size``, ``prepare()``, ``embed_batch()``). TensorFlow is
-imported only when a model is built, so the CLI and the Datasette plugin stay light.
+``batch_size``, ``input_size``, ``prepare()``, ``embed_batch()``), whichever
+runtime (collection/runtimes.py) runs its forward pass. TensorFlow is imported
+only when a model is built, so the CLI and the Datasette plugin stay light.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import tempfile
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
-from . import images
+from . import images, runtimes
 
 INCEPTION_WEIGHTS_URL = (
     "https://storage.googleapis.com/tensorflow/keras-applications/"
@@ -49,12 +50,17 @@ class Model:
     crop: float = 1.0  # share of the short side kept by the centre crop
     batch_size: int = 16
 
-    def __init__(self, weights: str | None = None, precision: str = "fp32", seed: int = 0):
+    def __init__(
+        self, weights: str | None = None, precision: str = "fp32", seed: int = 0, runtime: str = runtimes.AUTO
+    ):
         if precision not in PRECISIONS:
             raise ModelError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if runtime not in runtimes.RUNTIMES:
+            raise ModelError(f"unknown runtime {runtime!r}: choose one of {', '.join(runtimes.RUNTIMES)}")
         self.weights = weights
         self.precision = precision
         self.seed = seed
+        self.runtime = runtime  # as asked until load(), then the one that runs the model
         self._infer = None
         self.keras_model = None
         self._accelerated: bool | None = None
@@ -67,13 +73,16 @@ class Model:
 
     @property
     def accelerated(self) -> bool:
-        """Whether TensorFlow runs the model on a GPU (asked once the model is built)."""
+        """Whether the model runs on a GPU: TensorFlow's, when it sees one (asked once built)."""
         if self._accelerated is None:
-            import tensorflow as tf
-
             self.load()
-            self._accelerated = bool(tf.config.list_physical_devices("GPU"))
+            self._accelerated = self.runtime == runtimes.TENSORFLOW and bool(runtimes.tensorflow_gpus())
         return self._accelerated
+
+    @property
+    def runtime_version(self) -> str:
+        """The runtime that runs the model and its version, e.g. "openvino 2026.4.1"."""
+        return runtimes.version(self.load().runtime)
 
     @property
     def min_side(self) -> int:
@@ -108,14 +117,34 @@ class Model:
             self._names = imagenet_classes()
         return self._names
 
-    def load(self) -> Model:
-        """Build now rather than on the first batch (to fail early with a clear message)."""
+    def load(self, echo: Callable[[str], None] | None = None) -> Model:
+        """Build now rather than on the first batch (to fail early with a clear message).
+
+        ``echo`` gets one line when the runtime asked for cannot run here and
+        TensorFlow runs the model instead (standard error when not given)."""
         if self._infer is None:
             with _without_tensorflow_chatter():
-                self.keras_model = self._with_precision(self._build)
-                self._infer = self._compile()
+                runtime, note = runtimes.resolve(self.runtime)
+                if runtime == runtimes.OPENVINO:
+                    try:
+                        self._infer = self._openvino()
+                    except runtimes.RuntimeUnavailable as e:
+                        runtime, note = runtimes.TENSORFLOW, f"{e}: running the model with TensorFlow instead."
+                if runtime == runtimes.TENSORFLOW:
+                    self.keras_model = self._with_precision(self._build)
+                    self._infer = runtimes.tensorflow_forward(self._traced())
+            self.runtime = runtime
+            if note:
+                (echo or (lambda line: print(line, file=sys.stderr)))(note)
             self.class_names()
         return self
+
+    def _openvino(self) -> runtimes.Forward:
+        """The fp32 Keras model, converted (or its cached conversion) and compiled at the
+        model's precision, which OpenVINO applies itself."""
+        self.keras_model = self._build()
+        digest = runtimes.weights_digest(self.keras_model)
+        return runtimes.openvino_forward(self._traced(), self.model_id, digest, self.precision, runtimes.cache_dir())
 
     def weights_available(self) -> str | None:
         """Where this model's weights would come from here, or None if nowhere."""
@@ -130,8 +159,9 @@ class Model:
         """The Keras model with two outputs: [pooled vector, softmax]."""
         raise NotImplementedError
 
-    def _compile(self):
-        """Wrap the Keras model in one traced function taking uint8 batches of any size."""
+    def _traced(self):
+        """Wrap the Keras model in one traced function taking uint8 batches of any size:
+        what TensorFlow runs and what OpenVINO converts."""
         import tensorflow as tf
 
         size = self.input_size
@@ -145,7 +175,7 @@ class Model:
             pool, probs = keras_model(self.normalise(tf.cast(batch, tf.float32)), training=False)
             return tf.cast(pool, tf.float32), tf.cast(probs, tf.float32)
 
-        return lambda batch: [t.numpy() for t in infer(batch)]
+        return infer
 
     def _with_precision(self, build):
         """Build under the requested dtype policy, then put the global policy back."""
@@ -270,14 +300,16 @@ MODELS: dict[str, type[Model]] = {m.name: m for m in (InceptionV3, EfficientNetL
 AUTO = "auto"
 
 
-def get_model(name: str, weights: str | None = None, precision: str = "fp32") -> Model:
+def get_model(
+    name: str, weights: str | None = None, precision: str = "fp32", runtime: str = runtimes.AUTO
+) -> Model:
     """A model from the registry by name (a ``:random`` suffix means seeded random weights)."""
     base, _, suffix = name.partition(":")
     if suffix == RANDOM:
         weights = RANDOM
     if base not in MODELS:
         raise ModelError(f"unknown model {name!r}: choose one of {', '.join(MODELS)} (or auto)")
-    return MODELS[base](weights=weights, precision=precision)
+    return MODELS[base](weights=weights, precision=precision, runtime=runtime)
 
 
 def choose(
@@ -286,14 +318,15 @@ def choose(
     weights: str | None = None,
     precision: str = "fp32",
     echo=None,
+    runtime: str = runtimes.AUTO,
 ) -> Model:
     """Resolve ``auto``: the database's model, else Inception v3 if its weights can be had, else the offline model."""
     weights = weights or os.environ.get("COLLECTION_WEIGHTS") or None
     if name != AUTO:
-        return get_model(name, weights, precision)
+        return get_model(name, weights, precision, runtime)
     if database_model:
-        return get_model(database_model, weights, precision)
-    inception = InceptionV3(weights=weights, precision=precision)
+        return get_model(database_model, weights, precision, runtime)
+    inception = InceptionV3(weights=weights, precision=precision, runtime=runtime)
     if inception.weights_available() or (not weights and can_download(INCEPTION_WEIGHTS_URL)):
         return inception
     if echo:
@@ -301,7 +334,7 @@ def choose(
             "Inception v3 weights are not available here (no local file, no download): "
             "using the offline model efficientnet_lite0."
         )
-    return EfficientNetLite0(precision=precision)
+    return EfficientNetLite0(precision=precision, runtime=runtime)
 
 
 def can_download(url: str, timeout: float = 3.0) -> bool:

@@ -265,6 +265,13 @@ def m013_live_images(db: sqlite_utils.Database) -> None:
     db.execute("create index if not exists labels_label_image on labels (label, image_id)")
 
 
+@migrations()
+def m012_ingest_log_runtime(db: sqlite_utils.Database) -> None:
+    # Which runtime ran the model in each run, e.g. "openvino 2026.4.1": vectors from
+    # OpenVINO f32 and TensorFlow fp32 agree and may share a collection, so a run says which.
+    db["ingest_log"].add_column("runtime", str)
+
+
 # The columns of ``images`` that come from the file itself (images.Decoded.metadata()).
 _METADATA = ("sha256", "size", "width", "height", "format", "taken_at", "camera", "latitude", "longitude")
 
@@ -340,6 +347,10 @@ class Store:
                 f"{self.path} was embedded at {self.get_meta('precision')} precision; "
                 f"adding at {precision} would mix the two. Use --precision {self.get_meta('precision')}."
             )
+
+    def log_ingest(self, row: dict) -> None:
+        """One ``ingest_log`` row: a run of `collection add`, or a unit of the watcher's work."""
+        self.db["ingest_log"].insert({"at": now(), **row})
 
     # --- reads --------------------------------------------------------------------
 

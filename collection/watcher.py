@@ -568,7 +568,7 @@ class Watcher:
         if moved or deleted:  # a deleted image leaves the lists that named it
             self.upkeep.after_delete(deleted)
         if logged or summary.seen or moved or deleted:
-            self.store.db["ingest_log"].insert(
+            self.store.log_ingest(
                 {
                     "at": now(),
                     "source": source,
@@ -581,6 +581,7 @@ class Watcher:
                     "failed": summary.failed,
                     "deleted": len(deleted),
                     "seconds": round(seconds, 3),
+                    "runtime": self.model.runtime_version,
                 }
             )
         self.stats.stored += summary.added + summary.updated + summary.reused

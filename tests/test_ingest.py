@@ -228,10 +228,13 @@ def test_decoding_threads_leave_a_cpu_model_most_cores(monkeypatch):
 
     class Model:
         accelerated = False
+        runtime = "tensorflow"
 
     for cores, on_cpu, on_gpu in ((1, 1, 1), (2, 1, 2), (8, 2, 4), (16, 4, 4)):
         monkeypatch.setattr(ingest.os, "cpu_count", lambda cores=cores: cores)
-        Model.accelerated = False
+        Model.accelerated, Model.runtime = False, "tensorflow"
         assert ingest.decode_workers(Model()) == on_cpu
+        Model.runtime = "openvino"  # the model a fraction of decoding's work: a thread per core
+        assert ingest.decode_workers(Model()) == cores
         Model.accelerated = True
         assert ingest.decode_workers(Model()) == on_gpu

@@ -1,0 +1,197 @@
+"""Where a model's forward pass runs: TensorFlow, or OpenVINO on a CPU.
+
+The Keras model (collection/models.py) stays the source of truth: its weights
+load as always, and for OpenVINO the same traced function that TensorFlow runs
+is converted once with ``openvino.convert_model``. The converted model (OpenVINO
+IR, an .xml beside a .bin) is cached next to the converted-weights cache, under
+a name keyed by model, weights, precision and OpenVINO version, so a later start
+skips the conversion and a new OpenVINO release converts afresh.
+
+Neither TensorFlow nor OpenVINO is imported here until a model is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import threading
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+AUTO = "auto"
+TENSORFLOW = "tensorflow"
+OPENVINO = "openvino"
+RUNTIMES = (AUTO, TENSORFLOW, OPENVINO)
+
+# Bump when the traced function changes in a way the weights do not show (the input
+# normalisation, the outputs), so that IR converted by older code is not reused.
+IR_FORMAT = 1
+
+# OpenVINO's own name for each precision the collection records.
+_INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+
+# What TensorFlow and OpenVINO give against TensorFlow fp32, measured by
+# `bench/ingest.py --count 200` on 200 files made from the real photos, with the real
+# EfficientNet-Lite0 weights: (top-1 label agreement, mean overlap of the 10 nearest
+# neighbours, lowest cosine between the two vectors of one image). README: Runtimes.
+AGREEMENT: dict[tuple[str, str], tuple[float, float, float]] = {
+    (TENSORFLOW, "fp32"): (1.0, 1.0, 1.0),
+    (OPENVINO, "fp32"): (1.0, 1.0, 1.0),
+    (TENSORFLOW, "bf16"): (0.96, 0.988, 0.99),
+    (OPENVINO, "bf16"): (0.97, 0.988, 0.99),
+}
+# Below either bar a precision may be chosen, never be the default.
+DEFAULT_BARS = (0.99, 0.95)  # top-1 agreement, 10-NN overlap
+
+Forward = Callable[[np.ndarray], Sequence[np.ndarray]]
+
+
+class RuntimeUnavailable(Exception):
+    """OpenVINO cannot run the model here; the message says why, in one line."""
+
+
+def tensorflow_gpus() -> list:
+    import tensorflow as tf
+
+    return tf.config.list_physical_devices("GPU")
+
+
+def openvino_version() -> str:
+    """The installed OpenVINO's version; RuntimeUnavailable when it does not import."""
+    try:
+        import openvino
+    except Exception as e:  # ImportError, or a shared library that fails to load
+        raise RuntimeUnavailable(f"OpenVINO does not load here ({type(e).__name__}: {e})") from None
+    return openvino.get_version().split("-")[0]
+
+
+def resolve(requested: str, gpus: Callable[[], list] = tensorflow_gpus) -> tuple[str, str | None]:
+    """The runtime to use, and a line to tell the user when it is not the one asked for.
+
+    auto: TensorFlow when it sees a GPU, else OpenVINO when it imports, else TensorFlow."""
+    if requested not in RUNTIMES:
+        raise ValueError(f"unknown runtime {requested!r}: choose one of {', '.join(RUNTIMES)}")
+    if requested == TENSORFLOW or (requested == AUTO and gpus()):
+        return TENSORFLOW, None
+    try:
+        openvino_version()
+    except RuntimeUnavailable as e:
+        return TENSORFLOW, f"{e}: running the model with TensorFlow instead."
+    return OPENVINO, None
+
+
+def version(runtime: str) -> str:
+    """``runtime`` with its installed version, as recorded in ``ingest_log``."""
+    if runtime == OPENVINO:
+        return f"{OPENVINO} {openvino_version()}"
+    import tensorflow as tf
+
+    return f"{TENSORFLOW} {tf.__version__}"
+
+
+def tensorflow_forward(traced) -> Forward:
+    """The traced tf.function itself, returning numpy arrays."""
+    return lambda batch: [t.numpy() for t in traced(batch)]
+
+
+def openvino_forward(traced, model_id: str, weights_digest: str, precision: str, directory: Path) -> Forward:
+    """The traced function converted to OpenVINO (or read from the cache) and compiled for the CPU.
+
+    Raises RuntimeUnavailable with one line when OpenVINO cannot convert or compile it."""
+    import openvino as ov
+
+    path = ir_path(directory, model_id, weights_digest, precision, openvino_version())
+    core = ov.Core()
+    converted = None
+    if path.is_file():
+        try:
+            converted = core.read_model(path)
+        except Exception:
+            converted = None  # a corrupt cache entry: convert again and replace it
+    if converted is None:
+        try:
+            converted = convert(traced)
+        except Exception as e:
+            raise RuntimeUnavailable(f"OpenVINO could not convert {model_id} ({type(e).__name__}: {e})") from None
+        save(converted, path)
+    try:
+        compiled = core.compile_model(
+            converted,
+            "CPU",
+            {
+                # Explicit: on CPUs with bf16 support OpenVINO would otherwise pick bf16 itself.
+                "INFERENCE_PRECISION_HINT": _INFERENCE_PRECISION[precision],
+                # One batch at a time on all cores: the ingester calls the model synchronously.
+                "PERFORMANCE_HINT": "LATENCY",
+            },
+        )
+    except Exception as e:
+        raise RuntimeUnavailable(f"OpenVINO could not compile {model_id} ({type(e).__name__}: {e})") from None
+    request = compiled.create_infer_request()
+    lock = threading.Lock()  # one infer request, whose output buffers each call reuses
+
+    def forward(batch: np.ndarray) -> list[np.ndarray]:
+        with lock:
+            outputs = request.infer([np.ascontiguousarray(batch)])
+            return [np.array(outputs[i]) for i in range(len(compiled.outputs))]
+
+    return forward
+
+
+def convert(traced):
+    """The traced tf.function as an OpenVINO model (seconds: done once per cache key)."""
+    import openvino as ov
+
+    return ov.convert_model(traced)
+
+
+def save(converted, path: Path) -> None:
+    """Write the IR atomically: both files under temporary names, then os.replace,
+    the .bin before the .xml that names it, so a reader never finds half of one.
+    An unwritable cache only costs the next start a conversion."""
+    import openvino as ov
+
+    tmp = path.with_name(f".{os.getpid()}.{secrets.token_hex(4)}.{path.name}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # compress_to_fp16=False: the default would halve the weights to fp16 and change the vectors.
+        ov.save_model(converted, tmp, compress_to_fp16=False)
+        os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
+        os.replace(tmp, path)
+    except Exception:
+        pass
+    finally:
+        for leftover in (tmp, tmp.with_suffix(".bin")):
+            if leftover.exists():
+                leftover.unlink()
+
+
+def cache_dir() -> Path:
+    """Converted models, beside the converted-weights cache (env COLLECTION_CACHE)."""
+    from .efficientnet import default_cache_dir
+
+    return default_cache_dir() / "openvino"
+
+
+def ir_path(directory: Path, model_id: str, weights_digest: str, precision: str, ov_version: str) -> Path:
+    """The cached IR's .xml: a readable name, and a digest of everything it depends on."""
+    key = f"{model_id}|{weights_digest}|{precision}|{ov_version}|{IR_FORMAT}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    name = f"{model_id.replace(':', '-')}.{precision}.openvino-{ov_version}.{digest}.xml"
+    return Path(directory) / name
+
+
+def weights_digest(keras_model) -> str:
+    """A hash of the loaded weights, their shapes and order: the identity of what is
+    converted, whatever file, checkpoint or seed they came from (about 0.1 s for
+    Inception v3's 95 MB)."""
+    h = hashlib.sha256()
+    # Not the variables' names: Keras numbers them per process, so they vary.
+    for w in keras_model.weights:
+        value = np.ascontiguousarray(np.asarray(w))
+        h.update(f"{value.dtype}:{value.shape};".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()

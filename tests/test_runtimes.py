@@ -1,0 +1,156 @@
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from collection import models, runtimes
+from collection.cli import cli
+from collection.store import Store
+from conftest import sample_photos
+
+
+@pytest.fixture
+def ir_cache(tmp_path, monkeypatch):
+    """Converted models go to a fresh folder; conversions are counted."""
+    folder = tmp_path / "openvino"
+    monkeypatch.setattr(runtimes, "cache_dir", lambda: folder)
+    converted = []
+    convert = runtimes.convert
+    monkeypatch.setattr(runtimes, "convert", lambda traced: converted.append(1) or convert(traced))
+    return folder, converted
+
+
+@pytest.fixture
+def no_openvino(monkeypatch):
+    """As on a machine where OpenVINO is not installed or its libraries do not load."""
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
+
+
+def test_openvino_gives_tensorflows_labels_and_vectors(ir_cache):
+    """The real EfficientNet-Lite0 weights on the photos shipped with scikit-image and scikit-learn."""
+    photos = [Image.fromarray(a).convert("RGB") for a in sample_photos().values()]
+    tf = models.get_model("efficientnet_lite0", runtime="tensorflow").load()
+    ov = models.get_model("efficientnet_lite0", runtime="openvino").load()
+    assert (tf.runtime, ov.runtime) == ("tensorflow", "openvino")
+    assert ov.runtime_version.startswith("openvino 20")
+    tf_vectors, tf_probs = tf.embed_batch(photos)
+    ov_vectors, ov_probs = ov.embed_batch(photos)
+    assert ov_vectors.dtype == np.dtype("<f4") and ov_vectors.shape == tf_vectors.shape
+    assert np.min(np.sum(tf_vectors * ov_vectors, axis=1)) >= 0.9999
+    assert [t[0][1] for t in tf.top_labels(tf_probs)] == [t[0][1] for t in ov.top_labels(ov_probs)]
+    assert ov.top_labels(ov_probs)[0][0][1] in ("tabby", "tiger_cat", "Egyptian_cat")  # chelsea, the cat
+    assert ov.embed_batch([])[0].shape == (0, 1280)
+
+
+def test_the_converted_model_is_cached_and_reused(ir_cache):
+    folder, converted = ir_cache
+    image = np.full((224, 224, 3), 90, np.uint8)
+    first = models.get_model("efficientnet_lite0:random", runtime="openvino").load()
+    assert converted == [1]
+    files = sorted(p.name for p in folder.iterdir())
+    assert len(files) == 2 and files[0].endswith(".bin") and files[1].endswith(".xml")
+    assert "efficientnet_lite0-random.fp32.openvino-" in files[1]
+    again = models.get_model("efficientnet_lite0:random", runtime="openvino").load()
+    assert converted == [1]  # read from the cache, not converted again
+    assert sorted(p.name for p in folder.iterdir()) == files
+    assert np.allclose(first.embed_batch([image])[0], again.embed_batch([image])[0], atol=1e-6)
+    # Other weights, another entry: the key is the weights, not the model's name.
+    models.EfficientNetLite0(weights=models.RANDOM, seed=1, runtime="openvino").load()
+    assert converted == [1, 1] and len(list(folder.glob("*.xml"))) == 2
+
+
+def test_a_new_openvino_version_converts_again(ir_cache, monkeypatch):
+    folder, converted = ir_cache
+    models.get_model("efficientnet_lite0:random", runtime="openvino").load()
+    monkeypatch.setattr(runtimes, "openvino_version", lambda: "2099.1.0")
+    model = models.get_model("efficientnet_lite0:random", runtime="openvino").load()
+    assert converted == [1, 1]
+    assert model.runtime_version == "openvino 2099.1.0"
+    assert len(list(folder.glob("*.openvino-2099.1.0.*.xml"))) == 1
+    assert len(list(folder.glob("*.xml"))) == 2
+
+
+def test_a_corrupt_cache_entry_is_converted_again(ir_cache):
+    folder, converted = ir_cache
+    models.get_model("efficientnet_lite0:random", runtime="openvino").load()
+    (xml,) = folder.glob("*.xml")
+    xml.write_text("<not a model")
+    model = models.get_model("efficientnet_lite0:random", runtime="openvino").load()
+    assert converted == [1, 1] and model.runtime == "openvino"
+    assert xml.read_text().startswith("<?xml")
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_auto_picks_tensorflow_on_a_gpu_else_openvino():
+    assert runtimes.resolve("auto", gpus=lambda: ["/physical_device:GPU:0"]) == ("tensorflow", None)
+    assert runtimes.resolve("auto", gpus=lambda: []) == ("openvino", None)
+    assert runtimes.resolve("openvino", gpus=lambda: ["/physical_device:GPU:0"]) == ("openvino", None)
+    asked = []
+    assert runtimes.resolve("tensorflow", gpus=lambda: asked.append(1) or []) == ("tensorflow", None)
+    assert asked == []
+    with pytest.raises(ValueError):
+        runtimes.resolve("onnx")
+
+
+def test_auto_falls_back_to_tensorflow_without_openvino(no_openvino):
+    for asked in ("auto", "openvino"):
+        runtime, note = runtimes.resolve(asked, gpus=lambda: [])
+        assert runtime == "tensorflow"
+        assert note.startswith("OpenVINO does not load here (") and "\n" not in note
+
+
+def test_a_model_falls_back_cleanly_when_openvino_cannot_load(no_openvino):
+    said = []
+    model = models.get_model("efficientnet_lite0:random", runtime="openvino").load(echo=said.append)
+    assert model.runtime == "tensorflow" and len(said) == 1 and "TensorFlow" in said[0]
+    vectors, _ = model.embed_batch([np.full((224, 224, 3), 90, np.uint8)])
+    assert vectors.shape == (1, 1280)
+
+
+def test_a_model_falls_back_when_conversion_fails(ir_cache, monkeypatch):
+    def broken(traced):
+        raise RuntimeError("unsupported operation")
+
+    monkeypatch.setattr(runtimes, "convert", broken)
+    said = []
+    model = models.get_model("efficientnet_lite0:random", runtime="openvino", precision="bf16").load(echo=said.append)
+    assert model.runtime == "tensorflow" and model.precision == "bf16"
+    assert said == [
+        "OpenVINO could not convert efficientnet_lite0:random (RuntimeError: unsupported operation): "
+        "running the model with TensorFlow instead."
+    ]
+    assert model.keras_model.dtype_policy.name == "mixed_bfloat16"  # TensorFlow applies the precision
+
+
+def test_openvino_bf16_is_close_to_fp32_but_recorded_apart(ir_cache, tmp_path):
+    image = np.asarray(Image.fromarray(sample_photos()["chelsea"]).resize((224, 224)))
+    f32 = models.get_model("efficientnet_lite0:random", runtime="openvino").load()
+    bf16 = models.get_model("efficientnet_lite0:random", runtime="openvino", precision="bf16").load()
+    cosine = float(np.dot(f32.embed_batch([image])[0][0], bf16.embed_batch([image])[0][0]))
+    assert 0.95 < cosine < 1.0
+    store = Store(tmp_path / "c.db")
+    store.claim_model(f32.model_id, f32.dimensions, f32.precision)
+    with pytest.raises(Exception, match="bf16"):
+        store.claim_model(bf16.model_id, bf16.dimensions, bf16.precision)
+
+
+def test_add_records_the_runtime_in_ingest_log(tmp_path, ir_cache, images_dir):
+    from conftest import make_image
+
+    for i in range(3):
+        make_image(images_dir / f"{i}.jpg", seed=i)
+    db = tmp_path / "c.db"
+    runner = CliRunner()
+    for runtime in ("openvino", "tensorflow"):  # fp32 from both may share a collection
+        make_image(images_dir / f"{runtime}.png", seed=7 if runtime == "openvino" else 8)
+        result = runner.invoke(
+            cli, ["add", str(images_dir), "--db", str(db), "--model", "efficientnet_lite0:random", "--runtime", runtime]
+        )
+        assert result.exit_code == 0, result.output
+    rows = list(Store(db).db.execute("select source, added, runtime from ingest_log order by id"))
+    assert [r[0] for r in rows] == ["add", "add"] and [r[1] for r in rows] == [4, 1]
+    assert rows[0][2].startswith("openvino ") and rows[1][2].startswith("tensorflow ")
