@@ -350,7 +350,8 @@ def main() -> None:
         agreement = {}
         if name == "efficientnet_lite0":  # real weights: agreement means something
             checked = [(r, p) for p in args.agreement_precisions.split(",") for r in args.runtimes.split(",")]
-            agreement = measure("agreement", name, corpus, configs=",".join(f"{r} {p}" for r, p in checked))
+            measured = measure("agreement", name, corpus, configs=",".join(f"{r} {p}" for r, p in checked))
+            agreement = {config: a for config, a in measured.items() if config != "peak_rss_mb"}
         rows.append((name, loop, agreement, {key: combine(r) for key, r in runs.items()}))
 
     print(f"\nMedians of {args.rounds} rounds, configurations alternating (the machine is shared: figures are noisy).")

@@ -203,11 +203,11 @@ def _runtimes_table() -> None:
         openvino = str(e)
     click.echo(f"\nruntimes: tensorflow, openvino ({openvino}); --runtime auto picks TensorFlow on a GPU, else OpenVINO.")
     click.echo("Agreement with TensorFlow fp32 (efficientnet_lite0, real photos, bench/ingest.py):")
-    click.echo(f"{'runtime':<12} {'precision':<10} {'top-1':>6} {'10-NN':>6} {'min cos':>8}  (bars for a default: 0.99, 0.95)")
+    click.echo(f"{'runtime':<12} {'precision':<10} {'top-1':>6} {'10-NN':>6} {'min cos':>9}  (bars for a default: 0.99, 0.95)")
     for (runtime, precision), (top1, overlap, cosine) in AGREEMENT.items():
         fit = top1 >= DEFAULT_BARS[0] and overlap >= DEFAULT_BARS[1]
         verdict = "default" if precision == "fp32" else ("may be chosen" if fit else "offered, never a default")
-        click.echo(f"{runtime:<12} {precision:<10} {top1:>6.3f} {overlap:>6.3f} {cosine:>8.4f}  {verdict}")
+        click.echo(f"{runtime:<12} {precision:<10} {top1:>6.3f} {overlap:>6.3f} {cosine:>9.5f}  {verdict}")
 
 
 @cli.command()

@@ -39,9 +39,9 @@ _INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 # neighbours, lowest cosine between the two vectors of one image). README: Runtimes.
 AGREEMENT: dict[tuple[str, str], tuple[float, float, float]] = {
     (TENSORFLOW, "fp32"): (1.0, 1.0, 1.0),
-    (OPENVINO, "fp32"): (1.0, 1.0, 1.0),
-    (TENSORFLOW, "bf16"): (0.96, 0.988, 0.99),
-    (OPENVINO, "bf16"): (0.97, 0.988, 0.99),
+    (OPENVINO, "fp32"): (1.0, 1.0, 0.99999),
+    (TENSORFLOW, "bf16"): (0.985, 0.988, 0.99628),
+    (OPENVINO, "bf16"): (0.970, 0.990, 0.99174),
 }
 # Below either bar a precision may be chosen, never be the default.
 DEFAULT_BARS = (0.99, 0.95)  # top-1 agreement, 10-NN overlap
@@ -126,7 +126,8 @@ def openvino_forward(traced, model_id: str, weights_digest: str, precision: str,
                 "INFERENCE_PRECISION_HINT": _INFERENCE_PRECISION[precision],
                 # Streams of one or few threads each, every stream taking a slice of the
                 # batch: no thread waits on another, which matters when decoding threads
-                # share the cores (bench/ingest.py; pinning off for the same reason).
+                # share the cores (pinning off for the same reason). On 2 busy shared cores,
+                # batch 16: 17-18 images/s against 14-16 for one stream on both cores.
                 "PERFORMANCE_HINT": "THROUGHPUT",
                 "ENABLE_CPU_PINNING": False,
             },
