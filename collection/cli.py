@@ -69,9 +69,11 @@ def open_store(db_path: str, create: bool = True) -> Store:
         raise click.ClickException(str(e)) from None
 
 
-def load_model(store: Store, name: str, weights: str | None, precision: str, runtime: str = "auto"):
+def load_model(store: Store, name: str, weights: str | None, precision: str, runtime: str | None = None):
     """Resolve and build the model, turning every model problem into one clear line."""
     from .models import ModelError, choose
+
+    runtime = runtime or os.environ.get("COLLECTION_RUNTIME", "auto")
 
     def say(line: str) -> None:
         click.echo(line, err=True)
@@ -195,7 +197,7 @@ def models():
 
 def _runtimes_table() -> None:
     """Each runtime and precision with its measured agreement with TensorFlow fp32."""
-    from .runtimes import AGREEMENT, DEFAULT_BARS, OPENVINO, RuntimeUnavailable, openvino_version
+    from .runtimes import AGREEMENT, DEFAULT_BARS, RuntimeUnavailable, openvino_version
 
     try:
         openvino = f"OpenVINO {openvino_version()} loads here"
