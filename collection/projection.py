@@ -44,12 +44,18 @@ PERPLEXITY = 30.0
 NEIGHBOURS = 10  # a new image goes to the weighted mean of this many nearest neighbours
 SHARPNESS = 20.0  # neighbour weight exp(SHARPNESS * cosine): 0.05 closer counts e times more
 REFRESH_FRACTION = 0.2  # recompute once placed + unplaced images exceed this share of the map
-CHUNK = 4096  # vectors read at a time while searching for neighbours
 # OpenMP/BLAS threads for the layout. One: t-SNE's threads spin at every barrier while they
 # wait for each other, so on cores with other work (the watcher's model, Datasette) two
 # threads were 5x slower than one for 1k images (76 s vs 15 s) and 60x for 48 (17 s vs
 # 0.3 s), measured on a busy 2-core machine. None uses every core: for an idle machine.
 THREADS: int | None = 1
+
+# A collection gets its first map from the watcher once it has this many images, so the
+# map page has something to show soon after `collection start` (fewer make a poor map).
+AUTO_MAP_MIN = 50
+# Called with the number of stored vectors each read decodes, for tests to count: placing
+# a batch reads the batch's own vectors, however large the collection.
+on_vectors_read: Callable[[int], None] | None = None
 
 TILE = 64  # pixels a side of one thumbnail in an atlas
 ATLAS_COLUMNS = 16
@@ -225,7 +231,7 @@ def project(
     used = choose_method(method, len(rows))
     ids = [row[0] for row in rows]
     hashes = [row[1] for row in rows]
-    vectors = np.frombuffer(b"".join(row[2] for row in rows), "<f4").reshape(len(rows), -1)
+    vectors = _decode([row[2] for row in rows])
     del rows  # the blobs: at 50k images they are as big as the vectors
     steps = {
         "pca": "PCA to 2 dimensions",
@@ -328,34 +334,46 @@ def _needing_place(store: Store, ids: list[int]) -> tuple[list[tuple[int, str]],
             blobs.append(blob)
     if not todo:
         return [], np.empty((0, 0), dtype=np.float32)
-    return todo, np.frombuffer(b"".join(blobs), "<f4").reshape(len(todo), -1)
+    return todo, _decode(blobs)
+
+
+def _decode(blobs: list[bytes]) -> np.ndarray:
+    if on_vectors_read is not None:
+        on_vectors_read(len(blobs))
+    return np.frombuffer(b"".join(blobs), "<f4").reshape(len(blobs), -1)
 
 
 def _positions(store: Store, todo: list[tuple[int, str]], vectors: np.ndarray) -> np.ndarray:
-    """Weighted mean positions of each vector's nearest neighbours on the map, read in
-    chunks so memory stays small however large the collection."""
+    """Weighted mean positions of each vector's nearest neighbours on the map, found by
+    the similar-image searcher: the work is per image placed, whatever the collection's size."""
+    from .index import open_index  # not at import time: the map page imports this module
+
+    searcher = open_index(store.path)
     skip = {image_id for image_id, _ in todo}
-    count = len(todo)
-    best = np.full((count, NEIGHBOURS), -np.inf, dtype=np.float32)
-    best_xy = np.full((count, NEIGHBOURS, 2), 0.5)
-    cursor = store.db.execute(
-        "select p.image_id, p.x, p.y, vectors.vector from projection p "
-        "join images on images.id = p.image_id join vectors on vectors.image_id = p.image_id "
-        "where images.deleted_at is null"
-    )
-    while rows := cursor.fetchmany(CHUNK):
-        rows = [row for row in rows if row[0] not in skip]
-        if not rows:
-            continue
-        anchors = np.frombuffer(b"".join(row[3] for row in rows), "<f4").reshape(len(rows), -1)
-        xy = np.array([(row[1], row[2]) for row in rows])
-        sims = np.concatenate([best, vectors @ anchors.T], axis=1)
-        both_xy = np.concatenate([best_xy, np.broadcast_to(xy, (count, len(rows), 2))], axis=1)
-        top = np.argpartition(-sims, NEIGHBOURS - 1, axis=1)[:, :NEIGHBOURS]
-        best = np.take_along_axis(sims, top, axis=1)
-        best_xy = np.take_along_axis(both_xy, top[:, :, None], axis=1)
-    # A map whose images have all gone leaves the new ones in the middle (weights all equal).
-    return _weighted_mean(np.where(np.isfinite(best), best, 0.0), best_xy)
+    # Neighbours placed in this same call are not on the map yet: ask for enough to spare.
+    want = NEIGHBOURS + min(len(todo), NEIGHBOURS)
+    found = [
+        [(i, score) for i, score in searcher.similar_to_vector(vector, want, -1.0) if i not in skip]
+        for vector in vectors
+    ]
+    ids = sorted({i for neighbours in found for i, _ in neighbours})
+    # Positions of the neighbours that are on the map (json_each: any number of ids).
+    where = {
+        row[0]: (row[1], row[2])
+        for row in store.db.execute(
+            "select p.image_id, p.x, p.y from json_each(?) j "
+            "join projection p on p.image_id = j.value",
+            [json.dumps(ids)],
+        )
+    }
+    best = np.full((len(todo), NEIGHBOURS), -np.inf)
+    best_xy = np.full((len(todo), NEIGHBOURS, 2), 0.5)
+    for row, neighbours in enumerate(found):
+        on_map = [(score, where[i]) for i, score in neighbours if i in where][:NEIGHBOURS]
+        for column, (score, xy) in enumerate(on_map):
+            best[row, column], best_xy[row, column] = score, xy
+    # Without neighbours on the map (all of them gone) an image goes to the middle.
+    return _weighted_mean(np.where(np.isfinite(best), best, -1e3), best_xy)
 
 
 def summary(conn: sqlite3.Connection) -> dict | None:
@@ -386,11 +404,15 @@ def summary(conn: sqlite3.Connection) -> dict | None:
 
 
 def needs_refresh(store: Store) -> bool:
-    """Whether enough has changed since the map was computed to compute it again:
-    images placed since, plus images not on it yet, over REFRESH_FRACTION of it."""
+    """Whether the map is due: none yet and AUTO_MAP_MIN images with vectors, or enough
+    changed since it was computed (images placed since, plus images not on it yet, over
+    REFRESH_FRACTION of it)."""
     state = summary(store.db.conn)
     if state is None:
-        return False
+        return _has_projection_table(store.db.conn) and store.db.execute(
+            f"select count(*) >= ? from (select 1 {_LIVE_VECTORS} limit ?)",
+            [AUTO_MAP_MIN, AUTO_MAP_MIN],
+        ).fetchone()[0] == 1
     return state["placed"] + state["unplaced"] > REFRESH_FRACTION * max(state["projected"], 1)
 
 
@@ -402,7 +424,7 @@ def refresh_in_background(store: Store) -> threading.Thread | None:
     as it was last asked for. None when nothing is due or a recompute is already running."""
     if not needs_refresh(store) or not _refreshing.acquire(blocking=False):
         return None
-    method = store.get_meta("projection_requested") or "auto"
+    method = store.get_meta("projection_requested") or "auto"  # auto for the first map
     perplexity = float(store.get_meta("projection_perplexity") or PERPLEXITY)
     path = store.path
 

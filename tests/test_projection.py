@@ -284,6 +284,40 @@ def test_new_image_is_placed_near_its_neighbours(collection):
     assert tile == len(members)  # a new tile after the projected ones
 
 
+@pytest.mark.parametrize("per_cluster", [8, 64])
+def test_placing_a_batch_reads_the_batch_vectors_only(tmp_path, monkeypatch, per_cluster):
+    """The neighbours come from the similar-image searcher, so the vectors the map reads
+    for a batch are the batch's own, whether the collection holds 48 images or 384."""
+    db_path = tmp_path / "collection.db"
+    make_collection(db_path, per_cluster=per_cluster)
+    store = Store(db_path)
+    projection.project(store)
+    rng = np.random.default_rng(3)
+    batch = [
+        add_image(store, f"batch{i}.jpg", unit(rng.normal(size=DIMENSIONS)), [LABELS[i]], pattern(i, 1))
+        for i in range(3)
+    ]
+    reads = []
+    monkeypatch.setattr(projection, "on_vectors_read", reads.append)
+    assert projection.place_new(store, batch) == 3
+    assert sum(reads) == 3
+
+
+def test_the_watcher_makes_the_first_map_once_there_are_enough_images(collection, monkeypatch):
+    db_path, members = collection
+    store = Store(db_path)
+    monkeypatch.setattr(projection, "AUTO_MAP_MIN", len(members) + 1)
+    assert not projection.needs_refresh(store)
+    assert projection.refresh_in_background(store) is None
+    add_image(store, "one_more.jpg", cluster_centres(6)[0], [LABELS[0]], pattern(0, 1))
+    assert projection.needs_refresh(store)
+    thread = projection.refresh_in_background(store)
+    thread.join(timeout=120)
+    state = projection.summary(store.db.conn)
+    assert (state["method"], state["projected"]) == ("tsne", len(members) + 1)
+    assert not projection.needs_refresh(store)
+
+
 def test_place_new_inside_the_callers_transaction(collection):
     db_path, _ = collection
     store = Store(db_path)
