@@ -41,6 +41,7 @@ TSNE_MAX = 10_000
 TSNE_MIN = 10  # fewer points than this give t-SNE nothing to work with
 PCA_DIMENSIONS = 50
 PERPLEXITY = 30.0
+CHUNK = 4096  # vectors read at a time while placing the images outside a sample
 NEIGHBOURS = 10  # a new image goes to the weighted mean of this many nearest neighbours
 SHARPNESS = 20.0  # neighbour weight exp(SHARPNESS * cosine): 0.05 closer counts e times more
 REFRESH_FRACTION = 0.2  # recompute once placed + unplaced images exceed this share of the map
@@ -110,40 +111,66 @@ def layout(
 ) -> tuple[np.ndarray, str]:
     """(n, 2) coordinates in [0, 1] for n L2-normalised vectors, and the method used.
     ``threads`` caps the OpenMP and BLAS threads (None: all cores)."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    return layout_from(len(vectors), lambda rows: vectors[rows], method, perplexity, seed, threads)
+
+
+def layout_from(
+    count: int,
+    read: Callable[[np.ndarray], np.ndarray],
+    method: str = "auto",
+    perplexity: float = PERPLEXITY,
+    seed: int = 0,
+    threads: int | None = THREADS,
+) -> tuple[np.ndarray, str]:
+    """`layout` of ``count`` vectors that ``read(rows)`` gives a few at a time (rows: sorted
+    positions). Past TSNE_MAX the layout is fitted on a sample of that many and the rest
+    are read CHUNK at a time, so memory stays bounded at a million images."""
     from sklearn.decomposition import PCA
-    from sklearn.manifold import TSNE
     from threadpoolctl import threadpool_limits
 
-    count = len(vectors)
     method = choose_method(method, count)
     if count == 1:
         return np.full((1, 2), 0.5), method
-    vectors = np.asarray(vectors, dtype=np.float32)
-    dims = min(2 if method == "pca" else PCA_DIMENSIONS, count, vectors.shape[1])
-
-    def tsne(points: np.ndarray) -> np.ndarray:
-        return TSNE(
-            2,
-            # sklearn refuses a perplexity of n or more; a third of n keeps small maps sane
-            perplexity=min(perplexity, (len(points) - 1) / 3),
-            init="pca",
-            learning_rate="auto",
-            random_state=seed,
-        ).fit_transform(points)
-
+    everything = np.arange(count)
+    sample = everything
+    if count > TSNE_MAX and method != "tsne":
+        sample = np.sort(np.random.default_rng(seed).choice(count, TSNE_MAX, replace=False))
     with threadpool_limits(limits=threads):
-        reduced = PCA(dims, svd_solver="randomized", random_state=seed).fit_transform(vectors)
-        points = np.zeros((count, 2))
+        fitted = read(sample)
+        dims = min(2 if method == "pca" else PCA_DIMENSIONS, len(sample), fitted.shape[1])
+        pca = PCA(dims, svd_solver="randomized", random_state=seed).fit(fitted)
+        reduced = pca.transform(fitted)
+        del fitted
+        sample_xy = np.zeros((len(sample), 2))
         if method == "pca":
-            points[:, : reduced.shape[1]] = reduced
-        elif method == "tsne":
-            points = tsne(reduced)
+            sample_xy[:, : reduced.shape[1]] = reduced
         else:
-            sample = np.zeros(count, dtype=bool)
-            sample[np.random.default_rng(seed).choice(count, TSNE_MAX, replace=False)] = True
-            points[sample] = tsne(reduced[sample])
-            points[~sample] = _near_sample(reduced[~sample], reduced[sample], points[sample])
+            sample_xy = _tsne(reduced, perplexity, seed)
+        points = np.zeros((count, 2))
+        points[sample] = sample_xy
+        rest = np.setdiff1d(everything, sample, assume_unique=True)
+        for start in range(0, len(rest), CHUNK):
+            rows = rest[start : start + CHUNK]
+            part = pca.transform(read(rows))
+            if method == "pca":
+                points[rows, : part.shape[1]] = part
+            else:
+                points[rows] = _near_sample(part, reduced, sample_xy)
     return normalise(points), method
+
+
+def _tsne(points: np.ndarray, perplexity: float, seed: int) -> np.ndarray:
+    from sklearn.manifold import TSNE
+
+    return TSNE(
+        2,
+        # sklearn refuses a perplexity of n or more; a third of n keeps small maps sane
+        perplexity=min(perplexity, (len(points) - 1) / 3),
+        init="pca",
+        learning_rate="auto",
+        random_state=seed,
+    ).fit_transform(points)
 
 
 def _near_sample(rest: np.ndarray, sample: np.ndarray, xy: np.ndarray) -> np.ndarray:
@@ -223,16 +250,13 @@ def project(
     """Lay out every live image with a vector and replace the map with it."""
     echo = echo or (lambda message: None)
     start = time.perf_counter()
-    rows = store.db.execute(
-        f"select images.id, images.sha256, vectors.vector {_LIVE_VECTORS} order by images.id"
-    ).fetchall()
-    if not rows:
+    ids = np.fromiter(
+        (row[0] for row in store.db.execute(f"select images.id {_LIVE_VECTORS} order by images.id")),
+        dtype=np.int64,
+    )
+    if not len(ids):
         raise ProjectionError(f"no images with vectors in {store.path}: add some first")
-    used = choose_method(method, len(rows))
-    ids = [row[0] for row in rows]
-    hashes = [row[1] for row in rows]
-    vectors = _decode([row[2] for row in rows])
-    del rows  # the blobs: at 50k images they are as big as the vectors
+    used = choose_method(method, len(ids))
     steps = {
         "pca": "PCA to 2 dimensions",
         "tsne": "PCA to 50 dimensions, then t-SNE",
@@ -240,25 +264,20 @@ def project(
         "the rest placed near their neighbours",
     }[used]
     echo(f"Projecting {len(ids):,} images: {steps}")
-    points, used = layout(vectors, method, perplexity, threads=threads)
+    points, used = layout_from(
+        len(ids), lambda rows: _vectors_of(store, ids[rows]), method, perplexity, threads=threads
+    )
     tiles = spatial_order(points)
     seconds = time.perf_counter() - start
     with _write_lock(store):
         store.db.execute("delete from projection")
-        store.db["projection"].insert_all(
+        store.db.conn.executemany(
+            "insert into projection (image_id, method, x, y, placed, tile, sha256) "
+            "values (?1, ?2, ?3, ?4, 0, ?5, (select sha256 from images where id = ?1))",
             (
-                {
-                    "image_id": image_id,
-                    "method": used,
-                    "x": float(x),
-                    "y": float(y),
-                    "placed": 0,
-                    "tile": int(tile),
-                    "sha256": sha256,
-                }
-                for image_id, sha256, (x, y), tile in zip(ids, hashes, points, tiles)
+                (int(image_id), used, float(x), float(y), int(tile))
+                for image_id, (x, y), tile in zip(ids, points, tiles)
             ),
-            batch_size=1000,
         )
         version = int(store.get_meta("projection_version") or 0) + 1
         for key, value in {
@@ -335,6 +354,19 @@ def _needing_place(store: Store, ids: list[int]) -> tuple[list[tuple[int, str]],
     if not todo:
         return [], np.empty((0, 0), dtype=np.float32)
     return todo, _decode(blobs)
+
+
+def _vectors_of(store: Store, ids: np.ndarray) -> np.ndarray:
+    """The stored vectors of ``ids``, in that order. One removed since the layout began
+    reads as zeros: its row leaves the map's pages with its image."""
+    blobs = dict(
+        store.db.execute(
+            "select image_id, vector from vectors where image_id in (select value from json_each(?))",
+            [json.dumps(ids.tolist())],
+        )
+    )
+    gone = bytes(len(next(iter(blobs.values()), b"")))
+    return _decode([blobs.get(int(i), gone) for i in ids])
 
 
 def _decode(blobs: list[bytes]) -> np.ndarray:

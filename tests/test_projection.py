@@ -398,18 +398,29 @@ def test_needs_refresh_once_enough_has_changed_and_refresh_recomputes(collection
     assert not projection.needs_refresh(store)
 
 
+def test_a_large_map_reads_its_vectors_a_sample_and_a_chunk_at_a_time(collection, monkeypatch):
+    db_path, members = collection
+    monkeypatch.setattr(projection, "TSNE_MAX", 20)
+    monkeypatch.setattr(projection, "CHUNK", 8)
+    reads = []
+    monkeypatch.setattr(projection, "on_vectors_read", reads.append)
+    result = projection.project(Store(db_path))
+    assert result.method == "tsne-sample"
+    assert reads[0] == 20 and max(reads[1:]) <= 8 and sum(reads) == len(members)
+
+
 def test_images_added_during_a_projection_are_placed_on_it(collection, monkeypatch):
     db_path, members = collection
     store = Store(db_path)
-    layout = projection.layout
+    layout_from = projection.layout_from
 
     def slow_layout(*args, **kwargs):  # the watcher adds an image while t-SNE runs
         other = Store(db_path)
         add_image(other, "meanwhile.jpg", cluster_centres(6)[2], [LABELS[2]], pattern(2, 5))
         other.close()
-        return layout(*args, **kwargs)
+        return layout_from(*args, **kwargs)
 
-    monkeypatch.setattr(projection, "layout", slow_layout)
+    monkeypatch.setattr(projection, "layout_from", slow_layout)
     result = projection.project(store)
     assert (result.images, result.placed) == (len(members), 1)
     assert len(positions(store)) == len(members) + 1
