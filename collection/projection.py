@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import os
 import sqlite3
 import threading
 import time
@@ -57,6 +59,9 @@ AUTO_MAP_MIN = 50
 # Called with the number of stored vectors each read decodes, for tests to count: placing
 # a batch reads the batch's own vectors, however large the collection.
 on_vectors_read: Callable[[int], None] | None = None
+
+# The most images one answer of the map's data carries; past it, an even sample (map_data).
+MAP_POINTS = 50_000
 
 TILE = 64  # pixels a side of one thumbnail in an atlas
 ATLAS_COLUMNS = 16
@@ -488,28 +493,59 @@ def _has_projection_table(conn: sqlite3.Connection) -> bool:
     )
 
 
-def map_data(conn: sqlite3.Connection) -> dict:
-    """Every live image on the map, once, as parallel arrays (compact at 50k images).
+def map_data(
+    conn: sqlite3.Connection,
+    box: tuple[float, float, float, float] | None = None,
+    limit: int | None = None,
+) -> dict:
+    """The live images on the map, or in ``box`` (x0, y0, x1, y1), as parallel arrays.
+
+    Level of detail: past ``limit`` images, an even sample of them, every ``stride``-th
+    along the Z-order curve of the tiles (spread evenly over the map), read through the
+    tile index; ``lod`` says how many there are and the stride taken (limit: MAP_POINTS). The page draws the
+    whole map from a sample and asks for the box in view as it zooms in.
 
     ``labels`` and ``top_label`` hold indexes into ``label_names``, commonest first;
-    ``tile`` is the image's place in the atlases; ``atlas.keys[n]`` changes whenever
-    atlas n does, for the browser's cache.
+    ``tile`` is the image's place in the atlases; ``atlas.keys[n]`` (for the atlases
+    these images are in) changes whenever atlas n does, for the browser's cache.
     """
     state = summary(conn)
+    limit = limit or MAP_POINTS
     columns = {"id": [], "x": [], "y": [], "top_label": [], "labels": [], "placed": [], "tile": []}
     result = {
         "projection": state,
         "label_names": [],
         "images": columns,
-        "atlas": {"tile": TILE, "columns": ATLAS_COLUMNS, "per_atlas": TILES_PER_ATLAS, "keys": []},
+        "atlas": {"tile": TILE, "columns": ATLAS_COLUMNS, "per_atlas": TILES_PER_ATLAS, "keys": {}},
+        "lod": {"box": list(box) if box else None, "total": 0, "stride": 1},
     }
     if state is None:
         return result
-    rows = conn.execute(
+    what = (
         "select p.image_id, p.x, p.y, p.placed, p.tile, images.labels, images.top_label "
-        "from projection p join images on images.id = p.image_id "
-        "where images.deleted_at is null order by p.tile"
-    ).fetchall()
+        "from {source} join images on images.id = p.image_id "
+        "where images.deleted_at is null {where} order by p.tile"
+    )
+    if box is None:
+        total, last = conn.execute("select count(*), max(tile) from projection").fetchone()
+        stride = max(1, math.ceil(total / limit))
+        # The tiles stride apart, each found through the tile index: no scan of the map.
+        rows = conn.execute(
+            "with recursive pick(tile) as (select 0 union all "
+            "select tile + :stride from pick where tile + :stride <= :last) "
+            + what.format(source="pick join projection p on p.tile = pick.tile", where=""),
+            {"stride": stride, "last": last if last is not None else -1},
+        ).fetchall()
+    else:
+        inside = "p.x between :x0 and :x1 and p.y between :y0 and :y1"
+        bounds = dict(zip(("x0", "y0", "x1", "y1"), box))
+        total = conn.execute(f"select count(*) from projection p where {inside}", bounds).fetchone()[0]
+        stride = max(1, math.ceil(total / limit))
+        rows = conn.execute(
+            what.format(source="projection p", where=f"and {inside} and p.tile % :stride = 0"),
+            {**bounds, "stride": stride},
+        ).fetchall()
+    result["lod"].update(total=total, stride=stride)
     per_image = []
     frequency: dict[str, int] = {}
     for row in rows:
@@ -529,8 +565,28 @@ def map_data(conn: sqlite3.Connection) -> dict:
     columns["tile"] = [row[4] for row in rows]
     columns["labels"] = [[index[name] for name in names] for names in per_image]
     columns["top_label"] = [index.get(row[6], -1) for row in rows]
-    result["atlas"]["keys"] = atlas_keys(conn, state["version"])
+    atlases = sorted({tile // TILES_PER_ATLAS for tile in columns["tile"]})
+    result["atlas"]["keys"] = atlas_keys(conn, state["version"], atlases)
     return result
+
+
+def map_card(conn: sqlite3.Connection, image_id: int) -> dict | None:
+    """What the map's hover card shows of one live image: file name, top labels, dates."""
+    row = conn.execute(
+        "select path, taken_at, added_at from images where id = ? and deleted_at is null", [image_id]
+    ).fetchone()
+    if row is None:
+        return None
+    labels = conn.execute(
+        "select label, score from labels where image_id = ? order by rank", [image_id]
+    ).fetchall()
+    return {
+        "id": image_id,
+        "name": os.path.basename(row[0]),
+        "labels": [{"label": label, "score": score} for label, score in labels],
+        "taken_at": row[1],
+        "added_at": row[2],
+    }
 
 
 def _atlas_rows(conn: sqlite3.Connection, what: str, where: str = "", params=()) -> sqlite3.Cursor:
@@ -546,16 +602,20 @@ def _key(version, count, updated, ids) -> str:
     return f"{version}-{count}-{zlib.crc32(f'{updated}/{ids}'.encode()):08x}"
 
 
-def atlas_keys(conn: sqlite3.Connection, version: int) -> list[str]:
-    """A key per atlas that changes with its content ("" for an atlas with no tiles)."""
-    rows = _atlas_rows(
-        conn,
-        f"p.tile / {TILES_PER_ATLAS}, count(*), max(images.updated_at), sum(p.image_id)",
-        "group by 1",
-    ).fetchall()
-    keys = [""] * (max((row[0] for row in rows), default=-1) + 1)
-    for n, count, updated, ids in rows:
-        keys[n] = _key(version, count, updated, ids)
+def atlas_keys(conn: sqlite3.Connection, version: int, atlases: list[int]) -> dict[str, str]:
+    """A key per atlas of ``atlases`` that has tiles, changing with its content; each
+    read through the tile index, so the work follows the atlases asked for."""
+    keys = {}
+    for n in atlases:
+        first = n * TILES_PER_ATLAS
+        count, updated, ids = _atlas_rows(
+            conn,
+            "count(*), max(images.updated_at), sum(p.image_id)",
+            "and p.tile >= ? and p.tile < ?",
+            [first, first + TILES_PER_ATLAS],
+        ).fetchone()
+        if count:
+            keys[str(n)] = _key(version, count, updated, ids)
     return keys
 
 
@@ -566,14 +626,7 @@ def atlas_key(conn: sqlite3.Connection, n: int) -> str | None:
     ).fetchone()
     if version is None or not _has_projection_table(conn):
         return None
-    first = n * TILES_PER_ATLAS
-    count, updated, ids = _atlas_rows(
-        conn,
-        "count(*), max(images.updated_at), sum(p.image_id)",
-        "and p.tile >= ? and p.tile < ?",
-        [first, first + TILES_PER_ATLAS],
-    ).fetchone()
-    return _key(int(version[0]), count, updated, ids) if count else None
+    return atlas_keys(conn, int(version[0]), [n]).get(str(n))
 
 
 def build_atlas(conn: sqlite3.Connection, n: int) -> bytes | None:

@@ -500,7 +500,7 @@ async def test_map_json_returns_every_live_image_once(mapped):
 async def test_atlas_packs_the_thumbnails(mapped):
     ds, _, _, late = mapped
     data = (await ds.client.get("/-/map.json")).json()
-    key = data["atlas"]["keys"][0]
+    key = data["atlas"]["keys"]["0"]
     response = await ds.client.get(f"/-/map/atlas/0.jpg?v={key}")
     assert response.status_code == 200
     assert response.headers["content-type"] == "image/jpeg"
@@ -545,6 +545,51 @@ async def test_atlas_paths_are_numbers_only(mapped, raw_path):
 
 
 @pytest.mark.asyncio
+async def test_map_json_level_of_detail(mapped, monkeypatch):
+    """Past MAP_POINTS images the whole map comes as an even sample, and a box brings
+    the images inside it: each answer says how many there are and how many it carries."""
+    ds, members, gone, late = mapped
+    live = set(members) - {gone} | {late}
+    whole = (await ds.client.get("/-/map.json")).json()
+    assert whole["lod"] == {"box": None, "total": len(members) + 1, "stride": 1}
+    monkeypatch.setattr(projection, "MAP_POINTS", 10)
+    sample = (await ds.client.get("/-/map.json")).json()
+    assert sample["lod"]["stride"] == 5 and 8 <= len(sample["images"]["id"]) <= 10
+    assert set(sample["images"]["id"]) <= live
+    xs, ys = sample["images"]["x"], sample["images"]["y"]
+    assert max(xs) - min(xs) > 0.5 or max(ys) - min(ys) > 0.5  # spread over the map, not a corner
+    positions = dict(zip(whole["images"]["id"], zip(whole["images"]["x"], whole["images"]["y"])))
+    box = (0.0, 0.0, 0.5, 0.5)
+    inside = {i for i, (x, y) in positions.items() if x <= 0.5 and y <= 0.5}
+    part = (await ds.client.get("/-/map.json?box=0,0,0.5,0.5")).json()
+    assert part["lod"]["box"] == list(box)
+    if len(inside) <= 10:
+        assert set(part["images"]["id"]) == inside
+    else:
+        assert set(part["images"]["id"]) < inside and len(part["images"]["id"]) <= 10
+    assert set(part["atlas"]["keys"]) == {str(t // projection.TILES_PER_ATLAS) for t in part["images"]["tile"]}
+    for bad in ("1,2,3", "0,0,a,1", "1,0,0,1", "nan,0,1,1"):
+        assert (await ds.client.get(f"/-/map.json?box={bad}")).status_code == 400
+
+
+@pytest.mark.asyncio
+async def test_map_card_names_the_file_its_labels_and_date(mapped):
+    ds, members, gone, late = mapped
+    card = (await ds.client.get(f"/-/map/image/{late}.json")).json()
+    assert card == {
+        "id": late,
+        "name": "late.jpg",
+        "labels": [{"label": LABELS[1], "score": 0.6}, {"label": "<script>alert(1)</script>", "score": 0.3}],
+        "taken_at": None,
+        "added_at": card["added_at"],
+    }
+    assert card["added_at"]
+    assert (await ds.client.get(f"/-/map/image/{gone}.json")).status_code == 404
+    assert (await ds.client.get("/-/map/image/99999.json")).status_code == 404
+    assert (await ds.client.get("/-/map/image/x.json")).status_code == 404
+
+
+@pytest.mark.asyncio
 async def test_map_page(mapped):
     ds, members, _, _ = mapped
     response = await ds.client.get("/-/map")
@@ -558,6 +603,7 @@ async def test_map_page(mapped):
     assert json.loads(config) == {
         "data": "/-/map.json",
         "atlas": "/-/map/atlas/",
+        "card": "/-/map/image/",
         "thumbnail": "/-/thumbnail/",
         "similar": "/-/similar/",
     }
