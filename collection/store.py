@@ -211,6 +211,20 @@ def m009_label_counts_and_indexes(db: sqlite_utils.Database) -> None:
     # The labels and matches table pages sort by score; near-duplicate queries filter on it.
     db.execute("create index if not exists labels_score on labels (score)")
     db.execute("create index if not exists matches_score on matches (score)")
+    # The map holds live images only, so that what it shows and counts needs no join with
+    # images: a deleted image leaves it, and one that comes back is placed again.
+    db.execute(
+        "delete from projection where image_id not in (select id from images where deleted_at is null)"
+    )
+    db.execute(
+        "create trigger projection_image_deleted after update of deleted_at on images "
+        "when new.deleted_at is not null begin delete from projection where image_id = new.id; end"
+    )
+    db.execute(
+        "create trigger projection_image_delete after delete on images "
+        "begin delete from projection where image_id = old.id; end"
+    )
+    db.execute("create index if not exists projection_placed on projection (placed)")
     # The map's data for the box in view: counted and thinned inside the index.
     db.execute("create index if not exists projection_xy on projection (x, y, tile)")
 
