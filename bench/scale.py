@@ -171,13 +171,17 @@ def write_matches(store: Store, members: dict[int, list[int]], rng: np.random.Ge
 
 
 def working_copy(db_path: Path, name: str) -> Path:
-    """A copy to change, with the index file beside it, so the cached one stays as built."""
+    """A copy to change, so the cached one stays as built. The index files beside it are
+    hard links: they are never written in place, and a link keeps the inode, size and
+    mtime by which the searcher knows its file (a copy would look like a stranger's)."""
     folder = CACHE / f"work-{name}"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     for file in db_path.parent.iterdir():
-        if file.name.startswith("collection.db"):
+        if file.name in ("collection.db", "collection.db-wal"):
             shutil.copy2(file, folder / file.name)
+        elif file.name.startswith("collection.db") and file.name != "collection.db-shm":
+            os.link(file, folder / file.name)
     return folder / "collection.db"
 
 
