@@ -228,6 +228,7 @@ def m009_label_counts_and_indexes(db: sqlite_utils.Database) -> None:
     # The map's data for the box in view: counted and thinned inside the index.
     db.execute("create index if not exists projection_xy on projection (x, y, tile)")
 
+
 @migrations()
 def m010_categories(db: sqlite_utils.Database) -> None:
     """Labels at every level (collection/categories.py): the WordNet categories above
