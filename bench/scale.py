@@ -181,7 +181,10 @@ def working_copy(db_path: Path, name: str) -> Path:
         if file.name in ("collection.db", "collection.db-wal"):
             shutil.copy2(file, folder / file.name)
         elif file.name.startswith("collection.db") and file.name != "collection.db-shm":
-            os.link(file, folder / file.name)
+            if file.is_dir():  # an index kept as a folder of segment files
+                shutil.copytree(file, folder / file.name, copy_function=os.link)
+            else:
+                os.link(file, folder / file.name)
     return folder / "collection.db"
 
 
