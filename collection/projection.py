@@ -53,9 +53,6 @@ REFRESH_FRACTION = 0.2  # recompute once placed + unplaced images exceed this sh
 # 0.3 s), measured on a busy 2-core machine. None uses every core: for an idle machine.
 THREADS: int | None = 1
 
-# A collection gets its first map from the watcher once it has this many images, so the
-# map page has something to show soon after `collection start` (fewer make a poor map).
-AUTO_MAP_MIN = 50
 # Called with the number of stored vectors each read decodes, for tests to count: placing
 # a batch reads the batch's own vectors, however large the collection.
 on_vectors_read: Callable[[int], None] | None = None
@@ -444,15 +441,11 @@ def summary(conn: sqlite3.Connection) -> dict | None:
 
 
 def needs_refresh(store: Store) -> bool:
-    """Whether the map is due: none yet and AUTO_MAP_MIN images with vectors, or enough
-    changed since it was computed (images placed since, plus images not on it yet, over
-    REFRESH_FRACTION of it)."""
+    """Whether enough has changed since the map was computed to compute it again:
+    images placed since, plus images not on it yet, over REFRESH_FRACTION of it."""
     state = summary(store.db.conn)
     if state is None:
-        return _has_projection_table(store.db.conn) and store.db.execute(
-            f"select count(*) >= ? from (select 1 {_LIVE_VECTORS} limit ?)",
-            [AUTO_MAP_MIN, AUTO_MAP_MIN],
-        ).fetchone()[0] == 1
+        return False
     return state["placed"] + state["unplaced"] > REFRESH_FRACTION * max(state["projected"], 1)
 
 
@@ -464,7 +457,7 @@ def refresh_in_background(store: Store) -> threading.Thread | None:
     as it was last asked for. None when nothing is due or a recompute is already running."""
     if not needs_refresh(store) or not _refreshing.acquire(blocking=False):
         return None
-    method = store.get_meta("projection_requested") or "auto"  # auto for the first map
+    method = store.get_meta("projection_requested") or "auto"
     perplexity = float(store.get_meta("projection_perplexity") or PERPLEXITY)
     path = store.path
 

@@ -303,21 +303,6 @@ def test_placing_a_batch_reads_the_batch_vectors_only(tmp_path, monkeypatch, per
     assert sum(reads) == 3
 
 
-def test_the_watcher_makes_the_first_map_once_there_are_enough_images(collection, monkeypatch):
-    db_path, members = collection
-    store = Store(db_path)
-    monkeypatch.setattr(projection, "AUTO_MAP_MIN", len(members) + 1)
-    assert not projection.needs_refresh(store)
-    assert projection.refresh_in_background(store) is None
-    add_image(store, "one_more.jpg", cluster_centres(6)[0], [LABELS[0]], pattern(0, 1))
-    assert projection.needs_refresh(store)
-    thread = projection.refresh_in_background(store)
-    thread.join(timeout=120)
-    state = projection.summary(store.db.conn)
-    assert (state["method"], state["projected"]) == ("tsne", len(members) + 1)
-    assert not projection.needs_refresh(store)
-
-
 def test_place_new_inside_the_callers_transaction(collection):
     db_path, _ = collection
     store = Store(db_path)
