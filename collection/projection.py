@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import os
 import sqlite3
 import threading
 import time
@@ -41,15 +43,22 @@ TSNE_MAX = 10_000
 TSNE_MIN = 10  # fewer points than this give t-SNE nothing to work with
 PCA_DIMENSIONS = 50
 PERPLEXITY = 30.0
+CHUNK = 4096  # vectors read at a time while placing the images outside a sample
 NEIGHBOURS = 10  # a new image goes to the weighted mean of this many nearest neighbours
 SHARPNESS = 20.0  # neighbour weight exp(SHARPNESS * cosine): 0.05 closer counts e times more
 REFRESH_FRACTION = 0.2  # recompute once placed + unplaced images exceed this share of the map
-CHUNK = 4096  # vectors read at a time while searching for neighbours
 # OpenMP/BLAS threads for the layout. One: t-SNE's threads spin at every barrier while they
 # wait for each other, so on cores with other work (the watcher's model, Datasette) two
 # threads were 5x slower than one for 1k images (76 s vs 15 s) and 60x for 48 (17 s vs
 # 0.3 s), measured on a busy 2-core machine. None uses every core: for an idle machine.
 THREADS: int | None = 1
+
+# Called with the number of stored vectors each read decodes, for tests to count: placing
+# a batch reads the batch's own vectors, however large the collection.
+on_vectors_read: Callable[[int], None] | None = None
+
+# The most images one answer of the map's data carries; past it, an even sample (map_data).
+MAP_POINTS = 50_000
 
 TILE = 64  # pixels a side of one thumbnail in an atlas
 ATLAS_COLUMNS = 16
@@ -104,40 +113,66 @@ def layout(
 ) -> tuple[np.ndarray, str]:
     """(n, 2) coordinates in [0, 1] for n L2-normalised vectors, and the method used.
     ``threads`` caps the OpenMP and BLAS threads (None: all cores)."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    return layout_from(len(vectors), lambda rows: vectors[rows], method, perplexity, seed, threads)
+
+
+def layout_from(
+    count: int,
+    read: Callable[[np.ndarray], np.ndarray],
+    method: str = "auto",
+    perplexity: float = PERPLEXITY,
+    seed: int = 0,
+    threads: int | None = THREADS,
+) -> tuple[np.ndarray, str]:
+    """`layout` of ``count`` vectors that ``read(rows)`` gives a few at a time (rows: sorted
+    positions). Past TSNE_MAX the layout is fitted on a sample of that many and the rest
+    are read CHUNK at a time, so memory stays bounded at a million images."""
     from sklearn.decomposition import PCA
-    from sklearn.manifold import TSNE
     from threadpoolctl import threadpool_limits
 
-    count = len(vectors)
     method = choose_method(method, count)
     if count == 1:
         return np.full((1, 2), 0.5), method
-    vectors = np.asarray(vectors, dtype=np.float32)
-    dims = min(2 if method == "pca" else PCA_DIMENSIONS, count, vectors.shape[1])
-
-    def tsne(points: np.ndarray) -> np.ndarray:
-        return TSNE(
-            2,
-            # sklearn refuses a perplexity of n or more; a third of n keeps small maps sane
-            perplexity=min(perplexity, (len(points) - 1) / 3),
-            init="pca",
-            learning_rate="auto",
-            random_state=seed,
-        ).fit_transform(points)
-
+    everything = np.arange(count)
+    sample = everything
+    if count > TSNE_MAX and method != "tsne":
+        sample = np.sort(np.random.default_rng(seed).choice(count, TSNE_MAX, replace=False))
     with threadpool_limits(limits=threads):
-        reduced = PCA(dims, svd_solver="randomized", random_state=seed).fit_transform(vectors)
-        points = np.zeros((count, 2))
+        fitted = read(sample)
+        dims = min(2 if method == "pca" else PCA_DIMENSIONS, len(sample), fitted.shape[1])
+        pca = PCA(dims, svd_solver="randomized", random_state=seed).fit(fitted)
+        reduced = pca.transform(fitted)
+        del fitted
+        sample_xy = np.zeros((len(sample), 2))
         if method == "pca":
-            points[:, : reduced.shape[1]] = reduced
-        elif method == "tsne":
-            points = tsne(reduced)
+            sample_xy[:, : reduced.shape[1]] = reduced
         else:
-            sample = np.zeros(count, dtype=bool)
-            sample[np.random.default_rng(seed).choice(count, TSNE_MAX, replace=False)] = True
-            points[sample] = tsne(reduced[sample])
-            points[~sample] = _near_sample(reduced[~sample], reduced[sample], points[sample])
+            sample_xy = _tsne(reduced, perplexity, seed)
+        points = np.zeros((count, 2))
+        points[sample] = sample_xy
+        rest = np.setdiff1d(everything, sample, assume_unique=True)
+        for start in range(0, len(rest), CHUNK):
+            rows = rest[start : start + CHUNK]
+            part = pca.transform(read(rows))
+            if method == "pca":
+                points[rows, : part.shape[1]] = part
+            else:
+                points[rows] = _near_sample(part, reduced, sample_xy)
     return normalise(points), method
+
+
+def _tsne(points: np.ndarray, perplexity: float, seed: int) -> np.ndarray:
+    from sklearn.manifold import TSNE
+
+    return TSNE(
+        2,
+        # sklearn refuses a perplexity of n or more; a third of n keeps small maps sane
+        perplexity=min(perplexity, (len(points) - 1) / 3),
+        init="pca",
+        learning_rate="auto",
+        random_state=seed,
+    ).fit_transform(points)
 
 
 def _near_sample(rest: np.ndarray, sample: np.ndarray, xy: np.ndarray) -> np.ndarray:
@@ -217,16 +252,13 @@ def project(
     """Lay out every live image with a vector and replace the map with it."""
     echo = echo or (lambda message: None)
     start = time.perf_counter()
-    rows = store.db.execute(
-        f"select images.id, images.sha256, vectors.vector {_LIVE_VECTORS} order by images.id"
-    ).fetchall()
-    if not rows:
+    ids = np.fromiter(
+        (row[0] for row in store.db.execute(f"select images.id {_LIVE_VECTORS} order by images.id")),
+        dtype=np.int64,
+    )
+    if not len(ids):
         raise ProjectionError(f"no images with vectors in {store.path}: add some first")
-    used = choose_method(method, len(rows))
-    ids = [row[0] for row in rows]
-    hashes = [row[1] for row in rows]
-    vectors = np.frombuffer(b"".join(row[2] for row in rows), "<f4").reshape(len(rows), -1)
-    del rows  # the blobs: at 50k images they are as big as the vectors
+    used = choose_method(method, len(ids))
     steps = {
         "pca": "PCA to 2 dimensions",
         "tsne": "PCA to 50 dimensions, then t-SNE",
@@ -234,25 +266,21 @@ def project(
         "the rest placed near their neighbours",
     }[used]
     echo(f"Projecting {len(ids):,} images: {steps}")
-    points, used = layout(vectors, method, perplexity, threads=threads)
+    points, used = layout_from(
+        len(ids), lambda rows: _vectors_of(store, ids[rows]), method, perplexity, threads=threads
+    )
     tiles = spatial_order(points)
     seconds = time.perf_counter() - start
     with _write_lock(store):
         store.db.execute("delete from projection")
-        store.db["projection"].insert_all(
+        store.db.conn.executemany(
+            # an image deleted while the layout ran stays off the map
+            "insert into projection (image_id, method, x, y, placed, tile, sha256) "
+            "select ?1, ?2, ?3, ?4, 0, ?5, sha256 from images where id = ?1 and deleted_at is null",
             (
-                {
-                    "image_id": image_id,
-                    "method": used,
-                    "x": float(x),
-                    "y": float(y),
-                    "placed": 0,
-                    "tile": int(tile),
-                    "sha256": sha256,
-                }
-                for image_id, sha256, (x, y), tile in zip(ids, hashes, points, tiles)
+                (int(image_id), used, float(x), float(y), int(tile))
+                for image_id, (x, y), tile in zip(ids, points, tiles)
             ),
-            batch_size=1000,
         )
         version = int(store.get_meta("projection_version") or 0) + 1
         for key, value in {
@@ -328,34 +356,59 @@ def _needing_place(store: Store, ids: list[int]) -> tuple[list[tuple[int, str]],
             blobs.append(blob)
     if not todo:
         return [], np.empty((0, 0), dtype=np.float32)
-    return todo, np.frombuffer(b"".join(blobs), "<f4").reshape(len(todo), -1)
+    return todo, _decode(blobs)
+
+
+def _vectors_of(store: Store, ids: np.ndarray) -> np.ndarray:
+    """The stored vectors of ``ids``, in that order. One removed since the layout began
+    reads as zeros: its row leaves the map's pages with its image."""
+    blobs = dict(
+        store.db.execute(
+            "select image_id, vector from vectors where image_id in (select value from json_each(?))",
+            [json.dumps(ids.tolist())],
+        )
+    )
+    gone = bytes(len(next(iter(blobs.values()), b"")))
+    return _decode([blobs.get(int(i), gone) for i in ids])
+
+
+def _decode(blobs: list[bytes]) -> np.ndarray:
+    if on_vectors_read is not None:
+        on_vectors_read(len(blobs))
+    return np.frombuffer(b"".join(blobs), "<f4").reshape(len(blobs), -1)
 
 
 def _positions(store: Store, todo: list[tuple[int, str]], vectors: np.ndarray) -> np.ndarray:
-    """Weighted mean positions of each vector's nearest neighbours on the map, read in
-    chunks so memory stays small however large the collection."""
+    """Weighted mean positions of each vector's nearest neighbours on the map, found by
+    the similar-image searcher: the work is per image placed, whatever the collection's size."""
+    from .index import open_index  # not at import time: the map page imports this module
+
+    searcher = open_index(store.path)
     skip = {image_id for image_id, _ in todo}
-    count = len(todo)
-    best = np.full((count, NEIGHBOURS), -np.inf, dtype=np.float32)
-    best_xy = np.full((count, NEIGHBOURS, 2), 0.5)
-    cursor = store.db.execute(
-        "select p.image_id, p.x, p.y, vectors.vector from projection p "
-        "join images on images.id = p.image_id join vectors on vectors.image_id = p.image_id "
-        "where images.deleted_at is null"
-    )
-    while rows := cursor.fetchmany(CHUNK):
-        rows = [row for row in rows if row[0] not in skip]
-        if not rows:
-            continue
-        anchors = np.frombuffer(b"".join(row[3] for row in rows), "<f4").reshape(len(rows), -1)
-        xy = np.array([(row[1], row[2]) for row in rows])
-        sims = np.concatenate([best, vectors @ anchors.T], axis=1)
-        both_xy = np.concatenate([best_xy, np.broadcast_to(xy, (count, len(rows), 2))], axis=1)
-        top = np.argpartition(-sims, NEIGHBOURS - 1, axis=1)[:, :NEIGHBOURS]
-        best = np.take_along_axis(sims, top, axis=1)
-        best_xy = np.take_along_axis(both_xy, top[:, :, None], axis=1)
-    # A map whose images have all gone leaves the new ones in the middle (weights all equal).
-    return _weighted_mean(np.where(np.isfinite(best), best, 0.0), best_xy)
+    # Neighbours placed in this same call are not on the map yet: ask for enough to spare.
+    want = NEIGHBOURS + min(len(todo), NEIGHBOURS)
+    found = [
+        [(i, score) for i, score in searcher.similar_to_vector(vector, want, -1.0) if i not in skip]
+        for vector in vectors
+    ]
+    ids = sorted({i for neighbours in found for i, _ in neighbours})
+    # Positions of the neighbours that are on the map (json_each: any number of ids).
+    where = {
+        row[0]: (row[1], row[2])
+        for row in store.db.execute(
+            "select p.image_id, p.x, p.y from json_each(?) j "
+            "join projection p on p.image_id = j.value",
+            [json.dumps(ids)],
+        )
+    }
+    best = np.full((len(todo), NEIGHBOURS), -np.inf)
+    best_xy = np.full((len(todo), NEIGHBOURS, 2), 0.5)
+    for row, neighbours in enumerate(found):
+        on_map = [(score, where[i]) for i, score in neighbours if i in where][:NEIGHBOURS]
+        for column, (score, xy) in enumerate(on_map):
+            best[row, column], best_xy[row, column] = score, xy
+    # Without neighbours on the map (all of them gone) an image goes to the middle.
+    return _weighted_mean(np.where(np.isfinite(best), best, -1e3), best_xy)
 
 
 def summary(conn: sqlite3.Connection) -> dict | None:
@@ -367,11 +420,13 @@ def summary(conn: sqlite3.Connection) -> dict | None:
     )
     if "projection_version" not in meta or not _has_projection_table(conn):
         return None
-    counts = conn.execute(
-        "select coalesce(sum(p.placed = 0), 0), coalesce(sum(p.placed = 1), 0) "
-        "from projection p join images on images.id = p.image_id where images.deleted_at is null"
-    ).fetchone()
-    unplaced = conn.execute(f"select count(*) {_LIVE_VECTORS} and {_OFF_THE_MAP}").fetchone()[0]
+    # Counted in indexes (the map holds live images only, store.m009): quick at 1M images.
+    counts = dict(conn.execute("select placed, count(*) from projection group by placed").fetchall())
+    live = conn.execute("select count(*) from images where deleted_at is null").fetchone()[0]
+    projected, placed = counts.get(0, 0), counts.get(1, 0)
+    # Live images not on the map yet (an image whose content changed since it was placed
+    # is still counted as on it until placed again, which the watcher does at once).
+    unplaced = max(0, live - projected - placed)
     return {
         "version": int(meta["projection_version"]),
         "method": meta.get("projection_method"),
@@ -379,8 +434,8 @@ def summary(conn: sqlite3.Connection) -> dict | None:
         "perplexity": float(meta.get("projection_perplexity") or PERPLEXITY),
         "at": meta.get("projection_at"),
         "seconds": float(meta.get("projection_seconds") or 0),
-        "projected": counts[0],
-        "placed": counts[1],
+        "projected": projected,
+        "placed": placed,
         "unplaced": unplaced,
     }
 
@@ -434,28 +489,59 @@ def _has_projection_table(conn: sqlite3.Connection) -> bool:
     )
 
 
-def map_data(conn: sqlite3.Connection) -> dict:
-    """Every live image on the map, once, as parallel arrays (compact at 50k images).
+def map_data(
+    conn: sqlite3.Connection,
+    box: tuple[float, float, float, float] | None = None,
+    limit: int | None = None,
+) -> dict:
+    """The live images on the map, or in ``box`` (x0, y0, x1, y1), as parallel arrays.
+
+    Level of detail: past ``limit`` images, an even sample of them, every ``stride``-th
+    along the Z-order curve of the tiles (spread evenly over the map), read through the
+    tile index; ``lod`` says how many there are and the stride taken (limit: MAP_POINTS). The page draws the
+    whole map from a sample and asks for the box in view as it zooms in.
 
     ``labels`` and ``top_label`` hold indexes into ``label_names``, commonest first;
-    ``tile`` is the image's place in the atlases; ``atlas.keys[n]`` changes whenever
-    atlas n does, for the browser's cache.
+    ``tile`` is the image's place in the atlases; ``atlas.keys[n]`` (for the atlases
+    these images are in) changes whenever atlas n does, for the browser's cache.
     """
     state = summary(conn)
+    limit = limit or MAP_POINTS
     columns = {"id": [], "x": [], "y": [], "top_label": [], "labels": [], "placed": [], "tile": []}
     result = {
         "projection": state,
         "label_names": [],
         "images": columns,
-        "atlas": {"tile": TILE, "columns": ATLAS_COLUMNS, "per_atlas": TILES_PER_ATLAS, "keys": []},
+        "atlas": {"tile": TILE, "columns": ATLAS_COLUMNS, "per_atlas": TILES_PER_ATLAS, "keys": {}},
+        "lod": {"box": list(box) if box else None, "total": 0, "stride": 1},
     }
     if state is None:
         return result
-    rows = conn.execute(
+    what = (
         "select p.image_id, p.x, p.y, p.placed, p.tile, images.labels, images.top_label "
-        "from projection p join images on images.id = p.image_id "
-        "where images.deleted_at is null order by p.tile"
-    ).fetchall()
+        "from {source} join images on images.id = p.image_id "
+        "where images.deleted_at is null {where} order by p.tile"
+    )
+    if box is None:
+        total, last = conn.execute("select count(*), max(tile) from projection").fetchone()
+        stride = max(1, math.ceil(total / limit))
+        # The tiles stride apart, each found through the tile index: no scan of the map.
+        rows = conn.execute(
+            "with recursive pick(tile) as (select 0 union all "
+            "select tile + :stride from pick where tile + :stride <= :last) "
+            + what.format(source="pick join projection p on p.tile = pick.tile", where=""),
+            {"stride": stride, "last": last if last is not None else -1},
+        ).fetchall()
+    else:
+        inside = "p.x between :x0 and :x1 and p.y between :y0 and :y1"
+        bounds = dict(zip(("x0", "y0", "x1", "y1"), box))
+        total = conn.execute(f"select count(*) from projection p where {inside}", bounds).fetchone()[0]
+        stride = max(1, math.ceil(total / limit))
+        rows = conn.execute(
+            what.format(source="projection p", where=f"and {inside} and p.tile % :stride = 0"),
+            {**bounds, "stride": stride},
+        ).fetchall()
+    result["lod"].update(total=total, stride=stride)
     per_image = []
     frequency: dict[str, int] = {}
     for row in rows:
@@ -475,8 +561,31 @@ def map_data(conn: sqlite3.Connection) -> dict:
     columns["tile"] = [row[4] for row in rows]
     columns["labels"] = [[index[name] for name in names] for names in per_image]
     columns["top_label"] = [index.get(row[6], -1) for row in rows]
-    result["atlas"]["keys"] = atlas_keys(conn, state["version"])
+    # Thumbnails for the images sent, except in a thinned whole map: drawn as dots at that
+    # zoom, and the page asks for the box in view before it draws thumbnails.
+    if box is not None or stride == 1:
+        atlases = sorted({tile // TILES_PER_ATLAS for tile in columns["tile"]})
+        result["atlas"]["keys"] = atlas_keys(conn, state["version"], atlases)
     return result
+
+
+def map_card(conn: sqlite3.Connection, image_id: int) -> dict | None:
+    """What the map's hover card shows of one live image: file name, top labels, dates."""
+    row = conn.execute(
+        "select path, taken_at, added_at from images where id = ? and deleted_at is null", [image_id]
+    ).fetchone()
+    if row is None:
+        return None
+    labels = conn.execute(
+        "select label, score from labels where image_id = ? order by rank", [image_id]
+    ).fetchall()
+    return {
+        "id": image_id,
+        "name": os.path.basename(row[0]),
+        "labels": [{"label": label, "score": score} for label, score in labels],
+        "taken_at": row[1],
+        "added_at": row[2],
+    }
 
 
 def _atlas_rows(conn: sqlite3.Connection, what: str, where: str = "", params=()) -> sqlite3.Cursor:
@@ -492,16 +601,20 @@ def _key(version, count, updated, ids) -> str:
     return f"{version}-{count}-{zlib.crc32(f'{updated}/{ids}'.encode()):08x}"
 
 
-def atlas_keys(conn: sqlite3.Connection, version: int) -> list[str]:
-    """A key per atlas that changes with its content ("" for an atlas with no tiles)."""
-    rows = _atlas_rows(
-        conn,
-        f"p.tile / {TILES_PER_ATLAS}, count(*), max(images.updated_at), sum(p.image_id)",
-        "group by 1",
-    ).fetchall()
-    keys = [""] * (max((row[0] for row in rows), default=-1) + 1)
-    for n, count, updated, ids in rows:
-        keys[n] = _key(version, count, updated, ids)
+def atlas_keys(conn: sqlite3.Connection, version: int, atlases: list[int]) -> dict[str, str]:
+    """A key per atlas of ``atlases`` that has tiles, changing with its content; each
+    read through the tile index, so the work follows the atlases asked for."""
+    keys = {}
+    for n in atlases:
+        first = n * TILES_PER_ATLAS
+        count, updated, ids = _atlas_rows(
+            conn,
+            "count(*), max(images.updated_at), sum(p.image_id)",
+            "and p.tile >= ? and p.tile < ?",
+            [first, first + TILES_PER_ATLAS],
+        ).fetchone()
+        if count:
+            keys[str(n)] = _key(version, count, updated, ids)
     return keys
 
 
@@ -512,14 +625,7 @@ def atlas_key(conn: sqlite3.Connection, n: int) -> str | None:
     ).fetchone()
     if version is None or not _has_projection_table(conn):
         return None
-    first = n * TILES_PER_ATLAS
-    count, updated, ids = _atlas_rows(
-        conn,
-        "count(*), max(images.updated_at), sum(p.image_id)",
-        "and p.tile >= ? and p.tile < ?",
-        [first, first + TILES_PER_ATLAS],
-    ).fetchone()
-    return _key(int(version[0]), count, updated, ids) if count else None
+    return atlas_keys(conn, int(version[0]), [n]).get(str(n))
 
 
 def build_atlas(conn: sqlite3.Connection, n: int) -> bytes | None:

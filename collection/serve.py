@@ -21,6 +21,10 @@ from .search import MAX_K  # the one cap on k (CLI, SQL functions, pages)
 PLUGINS_DIR = Path(datasette_plugins.__file__).resolve().parent
 # metadata.yml names the database "collection"; a --db of another name gets the same block.
 METADATA_DATABASE = "collection"
+# Facet suggestions group every column of the page's rows, each up to a time limit: at a
+# million images that is a second of timed-out scans on every table page. The facets
+# worth having are in metadata.yml.
+SETTINGS = {"suggest_facets": False}
 
 MEDIA_TYPES = {
     "JPEG": "image/jpeg",
@@ -85,7 +89,10 @@ def open_datasette(db_path: str | Path, metadata_path: str | Path | None = None,
 
     register_plugins()
     return Datasette(
-        [str(db_path)], metadata=load_metadata(metadata_path, Path(db_path).stem), **kwargs
+        [str(db_path)],
+        metadata=load_metadata(metadata_path, Path(db_path).stem),
+        settings={**SETTINGS, **kwargs.pop("settings", {})},
+        **kwargs,
     )
 
 

@@ -10,11 +10,12 @@ number only; no part of a request path reaches the filesystem.
 from __future__ import annotations
 
 import json
+import math
 from collections import OrderedDict
 from pathlib import Path
 
 from datasette import Response, hookimpl
-from datasette.utils.asgi import NotFound
+from datasette.utils.asgi import BadRequest, NotFound
 
 from collection import projection
 from datasette_plugins.collection_plugin import collection_db, collection_name
@@ -29,6 +30,7 @@ def register_routes():
         (r"^/-/map$", map_page),
         (r"^/-/map\.json$", map_json),
         (r"^/-/map/atlas/(?P<n>[0-9]{1,6})\.jpg$", atlas),
+        (r"^/-/map/image/(?P<id>[0-9]{1,18})\.json$", card),
         # Anything else below /-/map/: a 404 that names the map's own routes.
         (r"^/-/map/(?P<rest>.*)$", not_on_the_map),
     ]
@@ -55,6 +57,7 @@ async def map_page(datasette, request):
     config = {
         "data": urls.path("/-/map.json"),
         "atlas": urls.path("/-/map/atlas/"),
+        "card": urls.path("/-/map/image/"),
         "thumbnail": urls.path("/-/thumbnail/"),
         "similar": urls.path("/-/similar/"),
     }
@@ -74,13 +77,37 @@ async def map_page(datasette, request):
 
 async def map_json(datasette, request):
     db = await collection_db(datasette, request)
-    data = await db.execute_fn(projection.map_data)
+    box = _box(request.args.get("box"))
+    data = await db.execute_fn(lambda conn: projection.map_data(conn, box))
     # Compact separators: at 50k images the spaces alone would be half a megabyte.
     return Response(
         json.dumps(data, separators=(",", ":")),
         content_type="application/json; charset=utf-8",
         headers={"Cache-Control": "no-cache"},
     )
+
+
+def _box(value: str | None) -> tuple[float, float, float, float] | None:
+    """?box=x0,y0,x1,y1 in map units, or None for the whole map."""
+    if value is None:
+        return None
+    try:
+        x0, y0, x1, y1 = (float(part) for part in value.split(","))
+    except ValueError:
+        raise BadRequest("box is four numbers: x0,y0,x1,y1") from None
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or x0 > x1 or y0 > y1:
+        raise BadRequest("box is x0,y0,x1,y1 with x0 <= x1 and y0 <= y1")
+    return x0, y0, x1, y1
+
+
+async def card(datasette, request):
+    """The hover card's details of one image: file name, labels, dates."""
+    db = await collection_db(datasette, request)
+    image_id = int(request.url_vars["id"])
+    data = await db.execute_fn(lambda conn: projection.map_card(conn, image_id))
+    if data is None:
+        raise NotFound(f"No image {image_id} on the map")
+    return Response.json(data)
 
 
 async def atlas(datasette, request):

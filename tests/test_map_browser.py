@@ -94,6 +94,11 @@ def test_map_draws_hovers_filters_and_clicks_through(server, browser):
     assert members[shown] == members[target]
     assert LABELS[members[target] % len(LABELS)] in card.inner_text()
     assert "Projected with t-SNE" in card.inner_text()
+    # then its details: the file's name, its labels with scores, and a date
+    page.wait_for_selector("#hover-card[data-filled='1']")
+    title = card.locator(".map-card-title").inner_text()
+    assert title.rsplit(".", 1)[-1] in ("jpg", "png") and not title.startswith("Image ")
+    assert "%)" in card.inner_text() and ("Taken " in card.inner_text() or "Added " in card.inner_text())
     page.wait_for_function("document.querySelector('#hover-card img').complete")
     assert page.evaluate("document.querySelector('#hover-card img').naturalWidth") > 0
     screenshot = ROOT / "screenshots" / "map.png"

@@ -284,6 +284,25 @@ def test_new_image_is_placed_near_its_neighbours(collection):
     assert tile == len(members)  # a new tile after the projected ones
 
 
+@pytest.mark.parametrize("per_cluster", [8, 64])
+def test_placing_a_batch_reads_the_batch_vectors_only(tmp_path, monkeypatch, per_cluster):
+    """The neighbours come from the similar-image searcher, so the vectors the map reads
+    for a batch are the batch's own, whether the collection holds 48 images or 384."""
+    db_path = tmp_path / "collection.db"
+    make_collection(db_path, per_cluster=per_cluster)
+    store = Store(db_path)
+    projection.project(store)
+    rng = np.random.default_rng(3)
+    batch = [
+        add_image(store, f"batch{i}.jpg", unit(rng.normal(size=DIMENSIONS)), [LABELS[i]], pattern(i, 1))
+        for i in range(3)
+    ]
+    reads = []
+    monkeypatch.setattr(projection, "on_vectors_read", reads.append)
+    assert projection.place_new(store, batch) == 3
+    assert sum(reads) == 3
+
+
 def test_place_new_inside_the_callers_transaction(collection):
     db_path, _ = collection
     store = Store(db_path)
@@ -364,18 +383,29 @@ def test_needs_refresh_once_enough_has_changed_and_refresh_recomputes(collection
     assert not projection.needs_refresh(store)
 
 
+def test_a_large_map_reads_its_vectors_a_sample_and_a_chunk_at_a_time(collection, monkeypatch):
+    db_path, members = collection
+    monkeypatch.setattr(projection, "TSNE_MAX", 20)
+    monkeypatch.setattr(projection, "CHUNK", 8)
+    reads = []
+    monkeypatch.setattr(projection, "on_vectors_read", reads.append)
+    result = projection.project(Store(db_path))
+    assert result.method == "tsne-sample"
+    assert reads[0] == 20 and max(reads[1:]) <= 8 and sum(reads) == len(members)
+
+
 def test_images_added_during_a_projection_are_placed_on_it(collection, monkeypatch):
     db_path, members = collection
     store = Store(db_path)
-    layout = projection.layout
+    layout_from = projection.layout_from
 
     def slow_layout(*args, **kwargs):  # the watcher adds an image while t-SNE runs
         other = Store(db_path)
         add_image(other, "meanwhile.jpg", cluster_centres(6)[2], [LABELS[2]], pattern(2, 5))
         other.close()
-        return layout(*args, **kwargs)
+        return layout_from(*args, **kwargs)
 
-    monkeypatch.setattr(projection, "layout", slow_layout)
+    monkeypatch.setattr(projection, "layout_from", slow_layout)
     result = projection.project(store)
     assert (result.images, result.placed) == (len(members), 1)
     assert len(positions(store)) == len(members) + 1
@@ -455,7 +485,7 @@ async def test_map_json_returns_every_live_image_once(mapped):
 async def test_atlas_packs_the_thumbnails(mapped):
     ds, _, _, late = mapped
     data = (await ds.client.get("/-/map.json")).json()
-    key = data["atlas"]["keys"][0]
+    key = data["atlas"]["keys"]["0"]
     response = await ds.client.get(f"/-/map/atlas/0.jpg?v={key}")
     assert response.status_code == 200
     assert response.headers["content-type"] == "image/jpeg"
@@ -500,6 +530,51 @@ async def test_atlas_paths_are_numbers_only(mapped, raw_path):
 
 
 @pytest.mark.asyncio
+async def test_map_json_level_of_detail(mapped, monkeypatch):
+    """Past MAP_POINTS images the whole map comes as an even sample, and a box brings
+    the images inside it: each answer says how many there are and how many it carries."""
+    ds, members, gone, late = mapped
+    live = set(members) - {gone} | {late}
+    whole = (await ds.client.get("/-/map.json")).json()
+    assert whole["lod"] == {"box": None, "total": len(live), "stride": 1}
+    monkeypatch.setattr(projection, "MAP_POINTS", 10)
+    sample = (await ds.client.get("/-/map.json")).json()
+    assert sample["lod"]["stride"] == 5 and 8 <= len(sample["images"]["id"]) <= 10  # 48 / 5
+    assert set(sample["images"]["id"]) <= live
+    xs, ys = sample["images"]["x"], sample["images"]["y"]
+    assert max(xs) - min(xs) > 0.5 or max(ys) - min(ys) > 0.5  # spread over the map, not a corner
+    positions = dict(zip(whole["images"]["id"], zip(whole["images"]["x"], whole["images"]["y"])))
+    box = (0.0, 0.0, 0.5, 0.5)
+    inside = {i for i, (x, y) in positions.items() if x <= 0.5 and y <= 0.5}
+    part = (await ds.client.get("/-/map.json?box=0,0,0.5,0.5")).json()
+    assert part["lod"]["box"] == list(box)
+    if len(inside) <= 10:
+        assert set(part["images"]["id"]) == inside
+    else:
+        assert set(part["images"]["id"]) < inside and len(part["images"]["id"]) <= 10
+    assert set(part["atlas"]["keys"]) == {str(t // projection.TILES_PER_ATLAS) for t in part["images"]["tile"]}
+    for bad in ("1,2,3", "0,0,a,1", "1,0,0,1", "nan,0,1,1"):
+        assert (await ds.client.get(f"/-/map.json?box={bad}")).status_code == 400
+
+
+@pytest.mark.asyncio
+async def test_map_card_names_the_file_its_labels_and_date(mapped):
+    ds, members, gone, late = mapped
+    card = (await ds.client.get(f"/-/map/image/{late}.json")).json()
+    assert card == {
+        "id": late,
+        "name": "late.jpg",
+        "labels": [{"label": LABELS[1], "score": 0.6}, {"label": "<script>alert(1)</script>", "score": 0.3}],
+        "taken_at": None,
+        "added_at": card["added_at"],
+    }
+    assert card["added_at"]
+    assert (await ds.client.get(f"/-/map/image/{gone}.json")).status_code == 404
+    assert (await ds.client.get("/-/map/image/99999.json")).status_code == 404
+    assert (await ds.client.get("/-/map/image/x.json")).status_code == 404
+
+
+@pytest.mark.asyncio
 async def test_map_page(mapped):
     ds, members, _, _ = mapped
     response = await ds.client.get("/-/map")
@@ -513,6 +588,7 @@ async def test_map_page(mapped):
     assert json.loads(config) == {
         "data": "/-/map.json",
         "atlas": "/-/map/atlas/",
+        "card": "/-/map/image/",
         "thumbnail": "/-/thumbnail/",
         "similar": "/-/similar/",
     }
