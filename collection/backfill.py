@@ -64,14 +64,15 @@ class ModelSpec:
     model_id: str  # a registry name, with ":random" for seeded random weights
     weights: str | None
     precision: str
+    runtime: str = "auto"  # as asked: each worker resolves it on its own machine (a GPU, OpenVINO)
 
     @classmethod
     def of(cls, model: Model) -> ModelSpec:
-        return cls(model.model_id, model.weights, model.precision)
+        return cls(model.model_id, model.weights, model.precision, model.runtime)
 
     def build(self) -> Model:
         """The model object, not yet loaded: ``prepare`` needs no TensorFlow."""
-        return get_model(self.model_id, self.weights, self.precision)
+        return get_model(self.model_id, self.weights, self.precision, self.runtime)
 
     def info(self) -> shards.ModelInfo:
         return shards.ModelInfo(self.model_id, self.build().dimensions, self.precision)

@@ -642,7 +642,9 @@ def _require(module: str, engine: str) -> None:
               help="Model actors [default: one per GPU; on a cluster without GPUs, one per node].")
 @click.option("--shard-rows", type=click.IntRange(1), default=None,
               help="Files per shard [default: 1000].")
-def backfill(source, out, engine, address, db_path, model_name, weights, precision, batch_size, actors, shard_rows):
+def backfill(
+    source, out, engine, address, db_path, model_name, weights, precision, runtime, batch_size, actors, shard_rows
+):
     """Embed every image under SOURCE on a Ray cluster, into Parquet shards in --out.
 
     Decoding runs as tasks on every CPU of the cluster and the model in one actor per
@@ -657,7 +659,9 @@ def backfill(source, out, engine, address, db_path, model_name, weights, precisi
 
     store = open_store(db_path) if Path(db_path).exists() else None
     try:
-        model = choose(model_name, store and store.model, weights, precision, echo=lambda m: click.echo(m, err=True))
+        model = choose(
+            model_name, store and store.model, weights, precision, echo=lambda m: click.echo(m, err=True), runtime=runtime
+        )
         if store and store.model:
             store.claim_model(model.model_id, model.dimensions, model.precision)
     except (ModelError, StoreError) as e:

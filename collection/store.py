@@ -328,9 +328,8 @@ def m013_live_images(db: sqlite_utils.Database) -> None:
     SQL that browse or search read it, so a deleted file drops out of them, while
     ``images`` keeps every row with its ``deleted_at`` for the history."""
     db.execute("create view live_images as select * from images where deleted_at is null")
-    # The gallery's label filter pages through a label's images newest first: on this
-    # index that is a range scan. m009 makes the same index under the same name.
-    db.execute("create index if not exists labels_label_image on labels (label, image_id)")
+    # The gallery's label filter pages through a label's images newest first on
+    # m009's labels(label, image_id) index: a range scan.
 
 
 @migrations()
