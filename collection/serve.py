@@ -71,7 +71,9 @@ def open_datasette(db_path: str | Path, metadata_path: str | Path | None = None,
     )
 
 
-def run(db_path: str | Path, host: str, port: int, metadata_path: str | Path | None) -> None:
+def run(
+    db_path: str | Path, host: str, port: int, metadata_path: str | Path | None, access_log: bool = True
+) -> None:
     """Start Datasette the way `datasette serve` does, and block until stopped."""
     import asyncio
 
@@ -79,7 +81,7 @@ def run(db_path: str | Path, host: str, port: int, metadata_path: str | Path | N
 
     ds = open_datasette(db_path, metadata_path)
     asyncio.run(ds.invoke_startup())
-    uvicorn.run(ds.app(), host=host, port=port, log_level="info", lifespan="on")
+    uvicorn.run(ds.app(), host=host, port=port, log_level="info", lifespan="on", access_log=access_log)
 
 
 # --- request parameters -------------------------------------------------------------

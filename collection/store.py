@@ -547,5 +547,10 @@ class Store:
             return [r[0] for r in self.db.execute(sql, [due_by, len(prefix), prefix])]
         return [r[0] for r in self.db.execute(sql, [len(prefix), prefix])]
 
+    def count_failures_under(self, prefix: str) -> int:
+        prefix = display(prefix)
+        sql = "select count(*) from failures where substr(path, 1, ?) = ?"
+        return self.db.execute(sql, [len(prefix), prefix]).fetchone()[0]
+
     def clear_failure(self, path: str) -> None:
         self.db.execute("delete from failures where path = ?", [display(path)])
