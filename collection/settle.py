@@ -70,6 +70,7 @@ class Settle:
         if entry is None:
             entry = self.pending[path] = Pending(clock, closes)
         entry.last_event = self.last_event = clock
+        entry.next_look = 0.0  # news: look again once the debounce is over
         entry.closes = entry.closes or closes
         if writing is not None:
             entry.writing = writing
