@@ -124,11 +124,11 @@ def iter_files(
             yield str(path)
             continue
         walker = os.walk(path) if recursive else [(str(path), [], os.listdir(path))]
-        for root, dirs, files in walker:
+        for root, dirs, names in walker:
             below = os.path.relpath(root, path)
             relative = lambda name: os.path.normpath(os.path.join(below, name))  # noqa: E731
             dirs[:] = sorted(d for d in dirs if not ignored(relative(d), ignore))
-            for name in sorted(files):
+            for name in sorted(names):
                 if not wanted(relative(name), ignore):
                     continue
                 full = Path(root) / name
