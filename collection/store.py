@@ -161,7 +161,6 @@ def m006_projection(db: sqlite_utils.Database) -> None:
     db["projection"].create_index(["tile"])
 
 
-
 @migrations()
 def m010_categories(db: sqlite_utils.Database) -> None:
     """Labels at every level (collection/categories.py): the WordNet categories above
