@@ -28,10 +28,8 @@ import http.client
 import io
 import json
 import os
-import random
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile

@@ -62,6 +62,28 @@ def model_options(f):
     )(f)
 
 
+def limit_options(f):
+    """--max-bytes and --max-pixels: what a file may hold before it is refused unread."""
+    from .files import MAX_BYTES, MAX_PIXELS
+
+    f = click.option(
+        "--max-pixels",
+        type=click.IntRange(1),
+        default=MAX_PIXELS,
+        show_default=True,
+        envvar="COLLECTION_MAX_PIXELS",
+        help="Refuse an image whose header claims more pixels, before decoding it.",
+    )(f)
+    return click.option(
+        "--max-bytes",
+        type=click.IntRange(1),
+        default=MAX_BYTES,
+        show_default=True,
+        envvar="COLLECTION_MAX_BYTES",
+        help="Refuse a file bigger than this, unread.",
+    )(f)
+
+
 def open_store(db_path: str, create: bool = True) -> Store:
     try:
         return Store(db_path, create=create)
@@ -102,23 +124,42 @@ def cli():
 @model_options
 @click.option("-r", "--recursive", is_flag=True, help="Descend into subfolders.")
 @click.option("--batch-size", type=click.IntRange(1, 1024), help="Images per model call [default: the model's, 16].")
-def add(paths, db_path, model_name, weights, precision, runtime, recursive, batch_size):
+@limit_options
+def add(paths, db_path, model_name, weights, precision, runtime, recursive, batch_size, max_bytes, max_pixels):
     """Add image files (or folders of them) to the collection.
 
     Unchanged files are skipped, renamed or copied files reuse their stored
-    vector, and changed files are embedded again under the same id.
+    vector, and changed files are embedded again under the same id. Files that
+    failed before are tried again. Only regular files are read, and a symlink
+    only when it leads to a file inside the folder named (or the named file's).
     """
-    from .ingest import Ingester, iter_files
-    from .upkeep import Upkeep
+    from .ingest import folders_of, iter_files
 
     store = open_store(db_path)
-    started = time.perf_counter()
     files = list(iter_files(paths, recursive))
     if not files:
         raise click.ClickException("no image files found (use --recursive for subfolders)")
+    _add_files(store, files, folders_of(paths), model_name, weights, precision, runtime, batch_size, max_bytes, max_pixels)
+
+
+def _add_files(store, files, folders, model_name, weights, precision, runtime, batch_size, max_bytes, max_pixels):
+    """Run ``files`` through the model into ``store``, retrying earlier failures; print the summary."""
+    from .files import Limits
+    from .ingest import Ingester
+    from .upkeep import Upkeep
+
+    started = time.perf_counter()
     model = load_model(store, model_name, weights, precision, runtime)
     upkeep = Upkeep(store, refresh_map=False)
-    ingester = Ingester(store, model, batch_size=batch_size, on_batch=upkeep.after_batch)
+    ingester = Ingester(
+        store,
+        model,
+        batch_size=batch_size,
+        on_batch=upkeep.after_batch,
+        folders=folders,
+        limits=Limits(max_bytes, max_pixels),
+        retry_failed=True,
+    )
     if len(files) >= PROGRESS_FROM:
         with click.progressbar(length=len(files), label="Adding", show_pos=True, file=click.get_text_stream("stderr")) as bar:
             summary = ingester.add(files, progress=bar.update)
@@ -132,7 +173,7 @@ def add(paths, db_path, model_name, weights, precision, runtime, recursive, batc
     )
     click.echo(summary.line())
     if summary.failed:
-        click.echo(f"See why with: collection failures --db {db_path}", err=True)
+        click.echo(f"See why with: collection failures --db {store.path}", err=True)
 
 
 @cli.command()
@@ -152,11 +193,15 @@ def labels(image, db_path):
 @cli.command()
 @db_option
 def failures(db_path):
-    """List files that could not be added, and why."""
+    """List files that could not be added, why, and when each is tried next."""
     store = open_store(db_path, create=False)
     rows = list(store.db["failures"].rows_where(order_by="at desc"))
     for row in rows:
-        click.echo(f"{row['path']}\n  {row['error']} (attempts: {row['attempts']}, last {row['at']})")
+        when = row["next_try"] or "when the file changes"
+        click.echo(
+            f"{row['path']}\n  {row['error']} (attempts: {row['attempts']}, last {row['at']}; "
+            f"next try: {when}, or now with `collection retry`)"
+        )
     if not rows:
         click.echo("No failures.")
 
@@ -220,7 +265,8 @@ def _runtimes_table() -> None:
               help="Port to listen on.")
 @click.option("--metadata", "metadata_path", type=click.Path(exists=True, dir_okay=False),
               help="Datasette metadata file  [default: the project's metadata.yml]")
-@click.option("--access-log", is_flag=True, help="Log every request (off: a page of thumbnails is dozens).")
+@click.option("--access-log/--no-access-log", default=False, show_default=True,
+              help="Log every request (off by default: a page of thumbnails is dozens).")
 def serve(db_path, host, port, metadata_path, access_log):
     """Browse the collection in Datasette: gallery, image pages, similar images, map, status."""
     from . import serve as serving
@@ -257,17 +303,19 @@ def watch_options(f):
         help="Poll the folder instead of waiting for OS events: for network drives (NFS, SMB).",
     )(f)
     f = click.option("--batch-size", type=click.IntRange(1, 1024), help="Images per model call [default: the model's, 16].")(f)
-    return model_options(db_option(f))
+    return limit_options(model_options(db_option(f)))
 
 
-def _watcher(folder, db_path, model_name, weights, precision, runtime, poll, rescan_every, ignore, batch_size):
+def _watcher(folder, db_path, model_name, weights, precision, runtime, poll, rescan_every, ignore, batch_size,
+             max_bytes, max_pixels, status=None):
+    from .files import Limits
     from .ingest import IGNORE
     from .watcher import StatusLine, Watcher
 
+    status = status or StatusLine()
     store = open_store(db_path)
     model = load_model(store, model_name, weights, precision, runtime)
     store.close()
-    status = StatusLine()
     watcher = Watcher(
         folder,
         db_path,
@@ -276,6 +324,7 @@ def _watcher(folder, db_path, model_name, weights, precision, runtime, poll, res
         rescan_every=rescan_every,
         ignore=IGNORE + tuple(ignore),
         batch_size=batch_size,
+        limits=Limits(max_bytes, max_pixels),
         echo=status.say,
         report=status.update,
     )
@@ -330,24 +379,28 @@ def start(folder, host, port, **options):
     import sys
     import threading
 
-    from .watcher import run_until_stopped
+    from .watcher import StatusLine, run_until_stopped
 
     # SIGTERM stops the server too, even while the model loads: it becomes KeyboardInterrupt.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     Path(folder).mkdir(parents=True, exist_ok=True)
     db_path = options["db_path"]
     open_store(db_path).close()  # Datasette needs the database, created and upgraded
+    # Request lines are left out: the status line is the terminal's one account of the work.
     server = subprocess.Popen(
-        [sys.executable, "-m", "collection", "serve", "--db", db_path, "--host", host, "--port", str(port)],
+        [sys.executable, "-m", "collection", "serve", "--db", db_path, "--host", host, "--port", str(port),
+         "--no-access-log"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         preexec_fn=_stop_with_parent if sys.platform.startswith("linux") else None,
     )
     try:
-        watcher, status = _watcher(folder, **options)
-        # Datasette's log lines go above the status line, not through it.
+        status = StatusLine()
+        # Relayed from the first byte, before the model loads: a pipe left unread fills
+        # and stalls the server. Its lines go above the status line, not through it.
         threading.Thread(target=_relay, args=(server.stdout, status.say), daemon=True).start()
+        watcher, status = _watcher(folder, status=status, **options)
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         click.echo(
             f"Open http://{shown}:{port}/ to browse the collection; "
@@ -712,3 +765,35 @@ def import_(folder, db_path):
     finally:
         upkeep.join()
     click.echo(summary.line())
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, type=click.Path())
+@db_option
+@model_options
+@click.option("--batch-size", type=click.IntRange(1, 1024), help="Images per model call [default: the model's, 16].")
+@limit_options
+def retry(paths, db_path, model_name, weights, precision, runtime, batch_size, max_bytes, max_pixels):
+    """Try every failed file again now (or those at or under PATHS).
+
+    Failures whose files have gone are cleared. A watcher retries on its own when
+    a file changes or, for a cause that can pass (permissions), when it is due.
+    """
+    store = open_store(db_path, create=False)
+    prefixes = [os.path.abspath(p) for p in paths]
+    chosen = [
+        path for path in (r[0] for r in store.db.execute("select path from failures order by path"))
+        if not prefixes or any(path == p or path.startswith(os.path.join(p, "")) for p in prefixes)
+    ]
+    there = [path for path in chosen if os.path.lexists(path)]
+    gone = len(chosen) - len(there)
+    if gone:
+        with store.db.atomic():
+            for path in chosen:
+                if not os.path.lexists(path):
+                    store.clear_failure(path)
+        click.echo(f"{gone} failure{'s' * (gone != 1)} cleared: the file has gone", err=True)
+    if not there:
+        click.echo("No failures to retry.")
+        return
+    _add_files(store, there, None, model_name, weights, precision, runtime, batch_size, max_bytes, max_pixels)

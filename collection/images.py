@@ -13,12 +13,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from . import files
+
 # Names a directory scan picks up. A file named explicitly is always tried.
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".tif", ".tiff", ".bmp"}
-
-# Pillow refuses images over twice MAX_IMAGE_PIXELS (about 179 M pixels) as
-# decompression bombs; between one and two times it only warns, and we accept.
-MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -74,6 +72,7 @@ def decode(
     data: bytes | None = None,
     min_side: int | None = None,
     sha256: str | None = None,
+    max_pixels: int = files.MAX_PIXELS,
 ) -> Decoded:
     """Open ``path`` (or its already-read ``data``) and return it as RGB with metadata.
 
@@ -83,14 +82,15 @@ def decode(
     by a whole factor right after decoding, so that fitting it to the model and
     making its thumbnail work on a small image.
     ``sha256``: the hash of ``data`` when the caller has it already.
+    ``max_pixels``: refused when the header claims more, before anything is decoded.
     Raises ImageError with a reason a person can act on.
     """
     path = str(path)
     if data is None:
         try:
-            data = Path(path).read_bytes()
-        except OSError as e:
-            raise ImageError(f"cannot read file: {e.strerror or e}") from None
+            data, _ = files.read(path, None)
+        except files.Unreadable as e:
+            raise ImageError(str(e)) from None
     if not data:
         raise ImageError("empty file (0 bytes)")
     try:
@@ -106,11 +106,11 @@ def decode(
     except Exception as e:  # Pillow raises many kinds on hostile headers
         raise ImageError(f"cannot open image: {e}") from None
 
-    width, height = img.size
-    if width * height > MAX_PIXELS:
+    width, height = img.size  # from the header: nothing is decoded yet
+    if width * height > max_pixels:
         raise ImageError(
             f"refused: {width}x{height} is {width * height:,} pixels, over the "
-            f"limit of {MAX_PIXELS:,} (decompression bomb guard)"
+            f"limit of {max_pixels:,} (--max-pixels; decompression bomb guard)"
         )
     fmt = img.format or "UNKNOWN"
     exif = _read_exif(img)

@@ -6,9 +6,11 @@ idle; everything that touches SQLite or the model stays on the calling thread.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections import Counter, deque
+from datetime import datetime, timedelta, timezone
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,10 +20,10 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from . import images
+from . import files, images
 from .models import Model
 from .runtimes import OPENVINO
-from .store import Store
+from .store import Store, now
 
 
 @dataclass
@@ -64,12 +66,26 @@ class _Read:
     path: str
     size: int
     mtime: float
+    ctime: float = 0.0
     sha256: str | None = None
     decoded: images.Decoded | None = None
     pixels: np.ndarray | None = None
     thumbnail: tuple[bytes, int, int] | None = None
     error: str | None = None
+    transient: bool = False  # the error can pass without the file changing: try again later
     stored: bool = False  # the path already had a row when triaged: an update, not an add
+
+
+# A failure whose cause can pass by itself is tried again after 1 minute, then 10, 100 ...
+# up to a day; any other waits for the file to change (or `collection add` / `retry`).
+RETRY_FIRST = 60.0
+RETRY_LAST = 86400.0
+
+
+def next_try(attempts: int) -> str:
+    """When a transient failure that has happened ``attempts`` times is tried again."""
+    seconds = min(RETRY_FIRST * 10 ** max(attempts - 1, 0), RETRY_LAST)
+    return (datetime.now(timezone.utc) + timedelta(seconds=seconds)).isoformat(timespec="seconds")
 
 
 # Never added from a folder: hidden files and folders, downloads and copies still being
@@ -89,6 +105,14 @@ def wanted(relative: str, patterns: Iterable[str] = IGNORE) -> bool:
     return Path(relative).suffix.lower() in images.EXTENSIONS and not ignored(relative, patterns)
 
 
+def folders_of(paths: Iterable[str | Path]) -> list[str]:
+    """The folders files named on a command line may be read from (resolved): each named
+    folder, and the folder of each named file. A symlink is followed only inside these."""
+    return sorted({
+        os.path.realpath(p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p))) for p in paths
+    })
+
+
 def iter_files(
     paths: Iterable[str | Path], recursive: bool = False, ignore: Iterable[str] = IGNORE
 ) -> Iterator[str]:
@@ -101,11 +125,11 @@ def iter_files(
             yield str(path)
             continue
         walker = os.walk(path) if recursive else [(str(path), [], os.listdir(path))]
-        for root, dirs, files in walker:
+        for root, dirs, names in walker:
             below = os.path.relpath(root, path)
             relative = lambda name: os.path.normpath(os.path.join(below, name))  # noqa: E731
             dirs[:] = sorted(d for d in dirs if not ignored(relative(d), ignore))
-            for name in sorted(files):
+            for name in sorted(names):
                 if not wanted(relative(name), ignore):
                     continue
                 full = Path(root) / name
@@ -153,9 +177,19 @@ class Ingester:
         workers: int | None = None,
         thumbnails: bool = True,
         on_batch: Callable[[list[int]], None] | None = None,
+        folders: Iterable[str] | None = None,
+        limits: files.Limits | None = None,
+        retry_failed: bool = False,
     ):
+        """``folders``: where files may be read from, symlinks resolved (default: each
+        file's own folder). ``retry_failed``: try files that failed before even when
+        unchanged (an explicit `collection add` or `collection retry`)."""
         self.store = store
         self.model = model
+        self.folders = None if folders is None else [os.path.realpath(f) for f in folders]
+        self.limits = limits or files.Limits()
+        self.retry_failed = retry_failed
+        self._again: list[str] = []  # paths whose known content went mid-run: decoded after
         self.batch_size = batch_size or model.batch_size
         self.workers = workers or decode_workers(model)
         self.thumbnails = thumbnails
@@ -169,8 +203,6 @@ class Ingester:
     def add(self, paths: Iterable[str], progress: Callable[[int], None] | None = None) -> Summary:
         """Add files; a batch of them is decoded by all workers, then embedded and written."""
         summary = Summary()
-        batch: list[_Read] = []
-        other: list[_Read] = []
 
         def to_read() -> Iterator[_Read]:
             for path in paths:
@@ -179,6 +211,20 @@ class Ingester:
                     yield read
                 elif progress:
                     progress(1)
+
+        self._add_reads(to_read(), summary, progress)
+        if self._again:
+            # Content whose stored copy went while this run was under way (it was
+            # replaced): decoded this time, now that its hash is no longer "known".
+            again, self._again = self._again, []
+            self._add_reads((r for p in again if (r := self._triage(p, summary))), summary, None)
+        return summary
+
+    def _add_reads(
+        self, reads: Iterable[_Read], summary: Summary, progress: Callable[[int], None] | None
+    ) -> None:
+        batch: list[_Read] = []
+        other: list[_Read] = []
 
         def handle(chunk: list[Future]) -> None:
             for future in chunk:
@@ -195,7 +241,7 @@ class Ingester:
         # Decoding runs one batch ahead of the model, in the background.
         queued: deque[list[Future]] = deque()
         with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
-            for chunk in _chunks(to_read(), self.batch_size):
+            for chunk in _chunks(reads, self.batch_size):
                 queued.append([pool.submit(self._read, read) for read in chunk])
                 while len(queued) > 1:
                     handle(queued.popleft())
@@ -203,15 +249,27 @@ class Ingester:
                 handle(queued.popleft())
         if batch or other:
             self._write(batch, other, summary)
-        return summary
 
     def _triage(self, path: str, summary: Summary) -> _Read | None:
         """Cheap checks on the calling thread: None when the file needs no work."""
         try:
             stat = os.stat(path)
         except OSError as e:
-            read = _Read(path, 0, 0.0, error=f"cannot read file: {e.strerror or e}")
-            return read
+            return _Read(path, 0, 0.0, error=f"cannot read file: {e.strerror or e}",
+                         transient=e.errno == errno.EACCES)
+        failure = self.store.failure(path)
+        if (
+            failure
+            and not self.retry_failed
+            and (failure["size"], failure["mtime"], failure["ctime"])
+            == (stat.st_size, stat.st_mtime, stat.st_ctime)
+            and (failure["next_try"] is None or failure["next_try"] > now())
+        ):
+            summary.failed += 1  # failed before, unchanged since, and not due: not tried
+            return None
+        problem = files.name_problem(path)
+        if problem:
+            return _Read(path, stat.st_size, stat.st_mtime, stat.st_ctime, error=problem)
         row = self.store.by_path(path)
         if (
             row
@@ -221,26 +279,27 @@ class Ingester:
         ):
             summary.unchanged += 1
             return None
-        failure = self.store.failure(path)
-        if failure and failure["size"] == stat.st_size and failure["mtime"] == stat.st_mtime:
-            summary.failed += 1  # failed before and has not changed since: not retried
-            return None
-        return _Read(path, stat.st_size, stat.st_mtime, stored=row is not None)
+        return _Read(path, stat.st_size, stat.st_mtime, stat.st_ctime, stored=row is not None)
 
     def _read(self, read: _Read) -> _Read:
         """Worker thread: read, hash, and (for unknown content) decode and fit."""
         if read.error:
             return read
+        folders = self.folders or [os.path.realpath(os.path.dirname(read.path))]
         try:
-            data = Path(read.path).read_bytes()
-        except OSError as e:
-            read.error = f"cannot read file: {e.strerror or e}"
+            data, stat = files.read(read.path, folders, self.limits.max_bytes)
+        except files.Unreadable as e:
+            read.error, read.transient = str(e), e.transient
             return read
+        # What was read, not what triage saw: a file replaced in between is stored as read.
+        read.size, read.mtime, read.ctime = stat.st_size, stat.st_mtime, stat.st_ctime
         read.sha256 = images.sha256_bytes(data)
         if read.sha256 in self.known:
             return read
         try:
-            decoded = images.decode(read.path, data, self.model.min_side, read.sha256)
+            decoded = images.decode(
+                read.path, data, self.model.min_side, read.sha256, self.limits.max_pixels
+            )
             read.pixels = self.model.prepare(decoded.image)
             if self.thumbnails:
                 jpeg = images.thumbnail(decoded.image)
@@ -268,7 +327,7 @@ class Ingester:
         with summary.timing("writing"), store.db.atomic():
             for read in other:
                 if read.error:
-                    store.record_failure(read.path, read.error, read.size or None, read.mtime or None)
+                    self._fail(read)
                     summary.failed += 1
                 else:
                     self._reuse(read, summary)
@@ -294,6 +353,18 @@ class Ingester:
             with summary.timing("after batch"):
                 self.on_batch(summary.ids[first:])
 
+    def _fail(self, read: _Read) -> None:
+        previous = self.store.failure(read.path)
+        attempts = (previous["attempts"] if previous else 0) + 1
+        self.store.record_failure(
+            read.path,
+            read.error,
+            read.size or None,
+            read.mtime or None,
+            read.ctime or None,
+            next_try(attempts) if read.transient else None,
+        )
+
     def _reuse(self, read: _Read, summary: Summary) -> None:
         """Known content: same file touched, a file renamed, or a second copy."""
         store = self.store
@@ -305,10 +376,9 @@ class Ingester:
             summary.ids.append(current["id"])
             return
         sources = [row for row in store.by_sha256(read.sha256) if row["path"] != read.path]
-        if not sources:  # hash was known at start but its rows have gone since
-            read.error = "content changed during ingest; will be retried"
-            store.record_failure(read.path, read.error, read.size, read.mtime)
-            summary.failed += 1
+        if not sources:  # hash was known at start, but its rows have been replaced since
+            self.known.discard(read.sha256)
+            self._again.append(read.path)
             return
         moved = next(
             (row for row in sources if row["deleted_at"] is not None or not os.path.exists(row["path"])),

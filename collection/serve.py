@@ -6,18 +6,20 @@ Nothing here imports TensorFlow: the plugins import this module.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import math
 import os
 import shutil
 import sqlite3
-import stat
 import sys
 from pathlib import Path
 
 import datasette_plugins
 
+from . import files
 from .search import MAX_K  # the one cap on k (CLI, SQL functions, pages)
+
 PLUGINS_DIR = Path(datasette_plugins.__file__).resolve().parent
 # metadata.yml names the database "collection"; a --db of another name gets the same block.
 METADATA_DATABASE = "collection"
@@ -167,7 +169,7 @@ def live_image(conn: sqlite3.Connection, image_id: int) -> dict | None:
     """The images row for ``image_id`` unless it is missing or deleted."""
     rows = _dicts(
         conn.execute(
-            "select id, path, size, mtime, width, height, format, taken_at, camera, "
+            "select id, path, sha256, size, mtime, width, height, format, taken_at, camera, "
             "top_label, top_score, added_at from images where id = ? and deleted_at is null",
             [image_id],
         )
@@ -240,26 +242,24 @@ def thumbnail(conn: sqlite3.Connection, image_id: int) -> bytes | None:
 def read_image_file(row: dict) -> bytes:
     """The bytes of the file an images row describes, and nothing else.
 
-    Only the row's own path is opened (a request never names a file). Symlinks are
-    resolved; the target must be a regular file with the size and mtime recorded
-    when it was added, so a file replaced since, or a symlink re-pointed at some
-    other file, is refused until it is added again. The checks run on the open
-    descriptor, so a swap between check and read cannot slip through.
+    Only the row's own path is opened (a request never names a file), through the
+    same check as ingest (collection/files.py): the real path must stay inside the
+    file's own folder (a symlink re-pointed outside it is not even opened), it must
+    be a regular file, and no more than the recorded size is read. The bytes must
+    then hash to the recorded sha256: a file replaced since it was added, whatever
+    its size and mtime, is refused until it is added again.
     """
-    real = os.path.realpath(row["path"])
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    path = row["path"]
+    folder = os.path.realpath(os.path.dirname(path))
+    if not os.path.lexists(path):
+        raise Refused("the file is no longer there")
     try:
-        fd = os.open(real, flags)  # O_NONBLOCK: a FIFO put in a file's place must not hang us
-    except OSError:
-        raise Refused("the file is no longer there") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise Refused("not a regular file")
-        if st.st_size != row["size"] or st.st_mtime != row["mtime"]:
-            raise Refused("the file has changed since it was added; add it again to view it")
-        data = f.read(st.st_size + 1)
-    if len(data) != row["size"]:
+        data, _ = files.read(path, [folder], max_bytes=row["size"] or 0)
+    except files.TooBig:
+        raise Refused("the file has changed since it was added; add it again to view it") from None
+    except files.Unreadable as e:
+        raise Refused(f"not served: {e}") from None
+    if hashlib.sha256(data).hexdigest() != row["sha256"]:
         raise Refused("the file has changed since it was added; add it again to view it")
     return data
 

@@ -13,6 +13,7 @@ import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
 from . import categories
+from .files import display
 
 DEFAULT_DB = "collection.db"
 
@@ -158,6 +159,17 @@ def m006_projection(db: sqlite_utils.Database) -> None:
         pk="image_id",
     )
     db["projection"].create_index(["tile"])
+
+
+@migrations()
+def m007_failure_retries(db: sqlite_utils.Database) -> None:
+    """When a failed file is tried again. ``ctime`` joins size and mtime as the sign the
+    file changed (a chmod changes only ctime); ``next_try`` is when a failure whose cause
+    can pass by itself (permissions, a file changing while read) is due, null for one
+    that waits for the file to change."""
+    db["failures"].add_column("ctime", float)
+    db["failures"].add_column("next_try", str)
+    db["failures"].create_index(["next_try"])
 
 
 @migrations()
@@ -323,6 +335,13 @@ def m011_duplicates(db: sqlite_utils.Database) -> None:
 
 
 @migrations()
+def m012_ingest_log_runtime(db: sqlite_utils.Database) -> None:
+    # Which runtime ran the model in each run, e.g. "openvino 2026.4.1": vectors from
+    # OpenVINO f32 and TensorFlow fp32 agree and may share a collection, so a run says which.
+    db["ingest_log"].add_column("runtime", str)
+
+
+@migrations()
 def m013_live_images(db: sqlite_utils.Database) -> None:
     """``live_images``: the images whose files are still there. Pages, canned queries and
     SQL that browse or search read it, so a deleted file drops out of them, while
@@ -332,11 +351,15 @@ def m013_live_images(db: sqlite_utils.Database) -> None:
     # m009's labels(label, image_id) index: a range scan.
 
 
-@migrations()
-def m012_ingest_log_runtime(db: sqlite_utils.Database) -> None:
-    # Which runtime ran the model in each run, e.g. "openvino 2026.4.1": vectors from
-    # OpenVINO f32 and TensorFlow fp32 agree and may share a collection, so a run says which.
-    db["ingest_log"].add_column("runtime", str)
+# Ids per statement: far under SQLite's smallest variable limit (999 before 3.32).
+CHUNK = 500
+
+
+def chunks(ids: Iterable[int], size: int = CHUNK) -> Iterable[list[int]]:
+    """``ids`` in lists of at most ``size``, for ``in (...)`` lists of bound variables."""
+    ids = list(ids)
+    for start in range(0, len(ids), size):
+        yield ids[start : start + size]
 
 
 # The columns of ``images`` that come from the file itself (images.Decoded.metadata()).
@@ -452,7 +475,7 @@ class Store:
     # --- reads --------------------------------------------------------------------
 
     def by_path(self, path: str) -> dict | None:
-        rows = list(self.db["images"].rows_where("path = ?", [path], limit=1))
+        rows = list(self.db["images"].rows_where("path = ?", [display(path)], limit=1))
         return rows[0] if rows else None
 
     def by_id(self, image_id: int) -> dict | None:
@@ -589,32 +612,64 @@ class Store:
 
     def mark_deleted(self, image_ids: Iterable[int]) -> None:
         stamp = now()
-        for image_id in image_ids:
-            self.db["images"].update(image_id, {"deleted_at": stamp})
+        for part in chunks(image_ids):
+            self.db.execute(
+                f"update images set deleted_at = ? where id in ({', '.join('?' * len(part))})",
+                [stamp, *part],
+            )
 
     def delete_rows(self, image_ids: Iterable[int]) -> None:
-        for image_id in image_ids:
+        for part in chunks(image_ids):
+            marks = ", ".join("?" * len(part))
             for table in ("labels", "vectors", "thumbnails"):
-                self.db.execute(f"delete from {table} where image_id = ?", [image_id])
-            self.db.execute("delete from images where id = ?", [image_id])
+                self.db.execute(f"delete from {table} where image_id in ({marks})", part)
+            self.db.execute(f"delete from images where id in ({marks})", part)
 
-    def record_failure(self, path: str, error: str, size: int | None, mtime: float | None) -> None:
-        previous = self.db.execute("select attempts from failures where path = ?", [path]).fetchone()
+    # --- failures: keyed by ``display(path)``, so a name that is not UTF-8 has one too --
+
+    def record_failure(
+        self,
+        path: str,
+        error: str,
+        size: int | None,
+        mtime: float | None,
+        ctime: float | None = None,
+        next_try: str | None = None,
+    ) -> None:
+        """``next_try``: when to try again without waiting for the file to change."""
+        key = display(path)
+        previous = self.db.execute("select attempts from failures where path = ?", [key]).fetchone()
         self.db["failures"].upsert(
             {
-                "path": path,
+                "path": key,
                 "error": error,
                 "at": now(),
                 "attempts": (previous[0] if previous else 0) + 1,
                 "size": size,
                 "mtime": mtime,
+                "ctime": ctime,
+                "next_try": next_try,
             },
             pk="path",
         )
 
     def failure(self, path: str) -> dict | None:
-        rows = list(self.db["failures"].rows_where("path = ?", [path], limit=1))
+        rows = list(self.db["failures"].rows_where("path = ?", [display(path)], limit=1))
         return rows[0] if rows else None
 
+    def failures_under(self, prefix: str, due_by: str | None = None) -> list[str]:
+        """Paths of failures below ``prefix``; with ``due_by``, only those due by then."""
+        prefix = display(prefix)
+        sql = "select path from failures where substr(path, 1, ?) = ?"
+        if due_by is not None:
+            sql = "select path from failures where next_try <= ? and substr(path, 1, ?) = ?"
+            return [r[0] for r in self.db.execute(sql, [due_by, len(prefix), prefix])]
+        return [r[0] for r in self.db.execute(sql, [len(prefix), prefix])]
+
+    def count_failures_under(self, prefix: str) -> int:
+        prefix = display(prefix)
+        sql = "select count(*) from failures where substr(path, 1, ?) = ?"
+        return self.db.execute(sql, [len(prefix), prefix]).fetchone()[0]
+
     def clear_failure(self, path: str) -> None:
-        self.db.execute("delete from failures where path = ?", [path])
+        self.db.execute("delete from failures where path = ?", [display(path)])

@@ -4,9 +4,9 @@ The handler only enqueues events. One worker thread owns the SQLite connection a
 the model: it turns events into pending paths, waits until each file is whole, then
 drains everything ready into one ``Ingester.add`` call, so a burst is embedded in
 full batches while a single dropped file is stored about a second after it lands.
-A file is whole once it has been closed after its last write (inotify says so) or,
-where the platform has no such event, once its size and mtime have held still for
-a settle time.
+When a file is whole is settle.py's to decide; the status line is status.py's.
+Only regular files inside the folder are read (files.py); a failed file is tried
+again when it changes, or, for a cause that can pass (permissions), when due.
 
 Renames are applied to the row directly (same id, no model run); deletes mark the
 row deleted. A reconcile scan on start, and again every ``rescan_every`` seconds,
@@ -26,8 +26,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import TextIO
 
 from watchdog.events import (
     DirCreatedEvent,
@@ -44,11 +42,15 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from . import live
-from .upkeep import Upkeep
+from . import files, live
 from .ingest import IGNORE, Ingester, Summary, ignored, iter_files, wanted
 from .models import Model
+from .settle import Pending, Seen, Settle
+from .status import Stats, StatusLine
 from .store import Store, now
+from .upkeep import Upkeep
+
+__all__ = ["Watcher", "Stats", "StatusLine", "run_until_stopped"]
 
 # What the worker acts on; opens, reads and attribute changes are never delivered.
 EVENTS = [
@@ -64,38 +66,6 @@ EVENTS = [
 LIMITS = (errno.ENOSPC, errno.EMFILE)  # inotify's watch and instance limits
 TICK = 0.05  # seconds the worker waits for an event before looking at pending files
 RETRY = 30.0  # seconds to the next rescan after an unexpected error
-
-
-@dataclass
-class Stats:
-    """What the status line shows."""
-
-    state: str = "starting"
-    observer: str = ""  # inotify, polling, ...
-    seen: int = 0  # files looked at
-    stored: int = 0  # added, updated or reused
-    failed: int = 0  # files under the folder in the failures table
-    deleted: int = 0
-    queued: int = 0
-    rate: float = 0.0  # images embedded per second in the latest batch
-
-    def line(self) -> str:
-        return (
-            f"{self.state}: {self.seen} seen, {self.stored} stored, {self.failed} failed, "
-            f"{self.deleted} deleted, {self.queued} queued, {self.rate:.1f} images/s"
-        )
-
-
-@dataclass
-class _Pending:
-    """A file events have named, waiting to be whole."""
-
-    last_event: float
-    closes: bool  # completeness is told by close events (not guessed from a scan)
-    writing: bool = False  # written to and not closed since
-    stat: tuple[int, int] | None = None  # (size, mtime_ns) when last looked at
-    stable_since: float = 0.0
-    next_look: float = 0.0
 
 
 class _Enqueue(FileSystemEventHandler):
@@ -131,6 +101,7 @@ class Watcher:
         stuck: float = 60.0,
         recheck: float = 2.0,
         poll_interval: float = 1.0,
+        limits: files.Limits | None = None,
         echo: Callable[[str], None] | None = None,
         report: Callable[[Stats, bool], None] | None = None,
     ):
@@ -141,12 +112,10 @@ class Watcher:
         self.rescan_every = rescan_every
         self.ignore = tuple(ignore)
         self.batch_size = batch_size
-        self.debounce = debounce  # quiet time before a burst is drained
-        self.max_wait = max_wait  # a steady stream is still drained this often
-        self.settle = settle  # size and mtime unchanged this long: whole (no close events)
-        self.stuck = stuck  # written to, never closed, unchanged this long: whole anyway
+        self.settle = settle  # a file changed more recently than this waits like an event
         self.recheck = recheck  # how often a missing or replaced folder is looked for
         self.poll_interval = poll_interval
+        self.limits = limits or files.Limits()
         self.echo = echo or (lambda message: print(message, file=sys.stderr))
         self.report, self.echo = live.recording(db_path, report, self.echo)  # for /-/status
         self.stats = Stats()
@@ -160,9 +129,7 @@ class Watcher:
         self._observer: BaseObserver | None = None
         self._closes = False
         self._root_id: tuple[int, int] | None = None
-        self._pending: dict[str, _Pending] = {}
-        self._last_event = 0.0
-        self._held_since: float | None = None
+        self._settle = Settle(debounce, max_wait, settle, stuck)
         self._in_flight = 0
         self._moved = 0
         self._deleted: list[int] = []
@@ -211,7 +178,7 @@ class Watcher:
             self._loop()
         finally:
             self._unwatch()
-            self.upkeep.join()  # an index build in progress finishes and is put in place
+            self.upkeep.join()  # a background matches fill stops; an index build is abandoned, its temporaries cleaned at the next start
             self.stats.state = "stopped"
             self._report(force=True)
             self.store.close()
@@ -242,6 +209,8 @@ class Watcher:
                     next_check = clock + self.recheck
                     if not self._folder_is_ours():
                         self._lost_folder()
+                    else:
+                        self._retry_due()
             except Exception as e:  # the daemon outlives any one failure; a rescan catches up
                 self.echo(f"error: {type(e).__name__}: {e} (rescanning in {RETRY:.0f} s)")
                 next_rescan = time.monotonic() + RETRY
@@ -319,7 +288,7 @@ class Watcher:
     def _lost_folder(self) -> None:
         """Stop watching and leave every row alone; the loop waits for the folder to return."""
         self._unwatch()
-        self._pending.clear()
+        self._settle.clear()
         while not self._events.empty():  # events from the old folder mean nothing now
             self._events.get_nowait()
         self._waiting(f"{self.root} has gone (an unmounted share?)")
@@ -384,15 +353,8 @@ class Watcher:
         return not relative.startswith(os.pardir) and wanted(relative, self.ignore)
 
     def _add(self, path: str, clock: float, closes: bool = False, writing: bool | None = None) -> None:
-        if not self._wanted(path):
-            return
-        entry = self._pending.get(path)
-        if entry is None:
-            entry = self._pending[path] = _Pending(clock, closes)
-        entry.last_event = self._last_event = clock
-        entry.closes = entry.closes or closes
-        if writing is not None:
-            entry.writing = writing
+        if self._wanted(path):
+            self._settle.event(path, clock, closes, writing)
 
     def _scan_in(self, folder: str, clock: float) -> None:
         """A folder created or moved in: everything in it is pending."""
@@ -403,9 +365,10 @@ class Watcher:
 
     def _move(self, src: str, dest: str, clock: float) -> None:
         """Renamed or moved within the folder: the same image, id and vector under the new path."""
-        entry = self._pending.pop(src, None)
-        if not self._wanted(dest):
+        entry = self._settle.take(src)
+        if not self._wanted(dest) or files.name_problem(dest):
             self._gone(src)  # renamed to something ignored: as good as deleted
+            self._add(dest, clock, closes=True)  # a name that cannot be stored: a failure says so
             return
         self.store.clear_failure(src)
         row = self.store.by_path(src)
@@ -416,15 +379,14 @@ class Watcher:
                 self._deleted.append(replaced["id"])  # store.move dropped the row it replaced
             self._moved += 1
             if entry is None and not _unchanged(dest, row):
-                entry = _Pending(clock, closes=True)
+                entry = Pending(clock, closes=True)
         elif entry is None:
-            entry = _Pending(clock, closes=True)  # a download or copy renamed into place when done
+            entry = Pending(clock, closes=True)  # a download or copy renamed into place when done
         if entry is not None:
-            entry.last_event = self._last_event = clock
-            self._pending[dest] = entry
+            self._settle.put(dest, entry, clock)
 
     def _gone(self, path: str) -> None:
-        self._pending.pop(path, None)
+        self._settle.take(path)
         if os.path.lexists(path):
             return  # deleted and put back since
         row = self.store.by_path(path)
@@ -434,8 +396,8 @@ class Watcher:
 
     def _gone_tree(self, folder: str) -> None:
         prefix = os.path.join(folder, "")
-        for path in [p for p in self._pending if p.startswith(prefix)]:
-            del self._pending[path]
+        for path in self._settle.under(prefix):
+            self._settle.take(path)
         self._mark_deleted(
             image_id for image_id, path in self._rows_under(prefix) if not os.path.lexists(path)
         )
@@ -448,57 +410,13 @@ class Watcher:
     def _rows_under(self, prefix: str) -> list[tuple[int, str]]:
         return self.store.db.execute(
             "select id, path from images where deleted_at is null and substr(path, 1, ?) = ?",
-            [len(prefix), prefix],
+            [len(files.display(prefix)), files.display(prefix)],
         ).fetchall()
 
     # --- pending -> whole files --------------------------------------------------------
 
     def _take_ready(self, clock: float) -> list[str]:
-        """The pending files that are whole, once the event stream pauses (or has run on
-        for ``max_wait``): files that arrive together go to the model together."""
-        ready, gone = [], []
-        for path, entry in self._pending.items():
-            whole = self._whole(path, entry, clock)
-            if whole is None:
-                gone.append(path)
-            elif whole:
-                ready.append(path)
-        for path in gone:  # its deleted event updates the row
-            del self._pending[path]
-        if not ready:
-            self._held_since = None
-            return []
-        if clock - self._last_event < self.debounce:
-            self._held_since = self._held_since or clock
-            if clock - self._held_since < self.max_wait:
-                return []
-        self._held_since = None
-        for path in ready:
-            del self._pending[path]
-        return sorted(ready)
-
-    def _whole(self, path: str, entry: _Pending, clock: float) -> bool | None:
-        """Whether the file is completely written; None when it has gone."""
-        if clock - entry.last_event < self.debounce or clock < entry.next_look:
-            return False
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return None
-        except OSError:
-            return False
-        key = (st.st_size, st.st_mtime_ns)
-        if key != entry.stat:
-            entry.stat, entry.stable_since = key, clock
-        if entry.closes and not entry.writing and st.st_size:
-            return True  # closed after its last write, or moved in whole
-        # No close to go by: still. Written to and never closed, or still empty: a close
-        # event may have been lost (queue overflow), so give up waiting after a long while.
-        needed = self.stuck if entry.writing or not st.st_size else self.settle
-        if clock - entry.stable_since >= needed:
-            return True
-        entry.next_look = clock + self.settle
-        return False
+        return self._settle.ready(clock, _look)
 
     # --- reconcile and ingest --------------------------------------------------------
 
@@ -512,14 +430,14 @@ class Watcher:
         clock, recent = time.monotonic(), time.time() - self.settle
         whole = []
         for path in files:
-            if path in self._pending:
+            if path in self._settle:
                 continue
             try:
                 mtime = os.stat(path).st_mtime
             except OSError:
                 continue
             if mtime > recent:
-                self._pending[path] = _Pending(clock, closes=False)
+                self._settle.event(path, clock)
             else:
                 whole.append(path)
         if self._folder_is_ours():
@@ -539,18 +457,31 @@ class Watcher:
                 self._said_empty = True
             return
         self._said_empty = False
-        failures = self.store.db.execute(
-            "select path from failures where substr(path, 1, ?) = ?", [len(prefix), prefix]
-        ).fetchall()
+        failures = self.store.failures_under(prefix)
         with self.store.db.atomic():
             self._mark_deleted(gone)
-            for (path,) in failures:
+            for path in failures:
                 if not os.path.lexists(path):
                     self.store.clear_failure(path)
 
     def _ingester(self) -> Ingester:
         # Each committed batch is in similar-image results, matches and the map at once.
-        return Ingester(self.store, self.model, batch_size=self.batch_size, on_batch=self.upkeep.after_batch)
+        return Ingester(
+            self.store,
+            self.model,
+            batch_size=self.batch_size,
+            on_batch=self.upkeep.after_batch,
+            folders=[self.root],
+            limits=self.limits,
+        )
+
+    def _retry_due(self) -> None:
+        """Failures whose cause may have passed (permissions, a file changing while read)
+        and whose next try has come: tried again, without waiting for a rescan."""
+        due = [p for p in self.store.failures_under(os.path.join(self.root, ""), due_by=now())
+               if os.path.lexists(p) and p not in self._settle]
+        if due:
+            self._ingest(due, "retry")
 
     def _ingest(self, paths: list[str], source: str, logged: bool = False) -> None:
         """One ``Ingester.add`` call for everything ready, then one ingest_log row."""
@@ -588,10 +519,7 @@ class Watcher:
         self.stats.deleted += len(deleted)
         if summary.batches:
             self.stats.rate = sum(summary.batches) / max(seconds, 1e-6)
-        prefix = os.path.join(self.root, "")
-        self.stats.failed = self.store.db.execute(
-            "select count(*) from failures where substr(path, 1, ?) = ?", [len(prefix), prefix]
-        ).fetchone()[0]
+        self.stats.failed = self.store.count_failures_under(os.path.join(self.root, ""))
 
     def _until_stopped(self, paths: list[str]) -> Iterator[str]:
         """Hand paths to the ingester until a stop is asked for: the batch in hand is
@@ -607,9 +535,18 @@ class Watcher:
         self._report()
 
     def _report(self, force: bool = False) -> None:
-        self.stats.queued = len(self._pending) + max(self._in_flight, 0)
+        self.stats.queued = len(self._settle) + max(self._in_flight, 0)
         if self.report:
             self.report(self.stats, force)
+
+
+def _look(path: str) -> Seen | None:
+    """What settle.py needs to know about a path now; None when it has gone."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return Seen(st.st_size, st.st_mtime_ns, stat.S_ISREG(st.st_mode))
 
 
 def _unchanged(path: str, row: dict) -> bool:
@@ -618,43 +555,6 @@ def _unchanged(path: str, row: dict) -> bool:
     except OSError:
         return False
     return st.st_size == row["size"] and st.st_mtime == row["mtime"]
-
-
-class StatusLine:
-    """The daemon's state on a terminal: redrawn in place on a TTY, else a plain line
-    now and then (when it has changed), so a log file stays readable."""
-
-    def __init__(self, stream: TextIO | None = None, every: float | None = None):
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.every = every if every is not None else (0.2 if self.tty else 10.0)
-        self._drawn = ""
-        self._at = 0.0
-        self._lock = threading.Lock()
-
-    def update(self, stats: Stats, force: bool = False) -> None:
-        line = stats.line()
-        with self._lock:
-            clock = time.monotonic()
-            if line == self._drawn or (not force and clock - self._at < self.every):
-                return
-            self._at, self._drawn = clock, line
-            self.stream.write(f"\r\x1b[K{line}" if self.tty else f"{line}\n")
-            self.stream.flush()
-
-    def say(self, message: str) -> None:
-        """A line of its own, above the status line."""
-        with self._lock:
-            if self.tty:
-                self.stream.write(f"\r\x1b[K{message}\n{self._drawn}")
-            else:
-                self.stream.write(f"{message}\n")
-            self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty and self._drawn:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 def run_until_stopped(watcher: Watcher, alive: Callable[[], bool] = lambda: True) -> None:

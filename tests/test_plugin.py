@@ -547,15 +547,16 @@ async def test_request_paths_never_reach_the_filesystem(ds, raw_path):
 
 @pytest.mark.asyncio
 async def test_symlinked_row_serves_only_its_own_file(tmp_path):
-    """Decision: a row whose path is a symlink (say, to a photo outside the watched folder)
-    serves the file it pointed to when added, checked by size and mtime. Re-pointed at
-    anything else (a secret, a device, a FIFO) it is refused: the request never names a
-    file, and the row's recorded file is the only one that can come back."""
+    """A row whose path is a symlink to a photo in its own folder (or below) serves the file
+    it pointed to when added, checked by its real path and sha256. Re-pointed at anything
+    else (a secret, a device, a photo outside the folder, a FIFO) it is refused (issue #12):
+    the request never names a file, and the row's recorded file is the only one that can
+    come back."""
     folder, outside = tmp_path / "photos", tmp_path / "outside"
-    photo = make_image(outside / "photo.jpg", seed=3, size=(80, 60))
+    photo = make_image(folder / "sub" / "photo.jpg", seed=3, size=(80, 60))
+    make_image(outside / "photo.jpg", seed=3, size=(80, 60))
     secret = outside / "secret.txt"
     secret.write_text("root:x:0:0:secret\n")
-    folder.mkdir()
     link = folder / "link.jpg"
     link.symlink_to(photo)
     db_path = tmp_path / "collection.db"
@@ -569,7 +570,7 @@ async def test_symlinked_row_serves_only_its_own_file(tmp_path):
     assert response.status_code == 200
     assert response.content == photo.read_bytes()
 
-    for target in (secret, Path("/dev/zero"), Path("/etc/passwd")):
+    for target in (secret, outside / "photo.jpg", Path("/dev/zero"), Path("/etc/passwd")):
         link.unlink()
         link.symlink_to(target)
         response = await ds.client.get(f"/-/image/{image_id}")
