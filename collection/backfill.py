@@ -33,7 +33,7 @@ import ray
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
-from . import images, shards
+from . import files, images, shards
 from .ingest import iter_files
 from .models import Model, get_model
 
@@ -134,13 +134,14 @@ def decode_batch(batch: pa.Table, spec: ModelSpec) -> pa.Table:
 def _decode_one(row: dict, model: Model) -> dict:
     path = os.fsdecode(row["path"])
     try:
-        data = Path(path).read_bytes()
+        # The same check as ingest: a regular file, its real path inside its own folder.
+        data, _ = files.read(path, [os.path.realpath(os.path.dirname(path))])
         sha256 = images.sha256_bytes(data)
         decoded = images.decode(path, data, model.min_side, sha256)
         pixels = model.prepare(decoded.image)
         thumbnail = images.thumbnail(decoded.image)
-    except OSError as e:
-        return {**row, "error": f"cannot read file: {e.strerror or e}"}
+    except files.Unreadable as e:
+        return {**row, "error": str(e)}
     except images.ImageError as e:
         return {**row, "error": str(e)}
     except Exception as e:  # a bug or an exotic file must not stop the run

@@ -21,12 +21,12 @@ imports TensorFlow: the Datasette plugin uses this module.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -349,7 +349,7 @@ def reembed(
     and categories; vectors and labels stay as they are. A file that has gone or
     changed since it was added is skipped: the watcher or `collection add` embeds it
     again. Returns (images done, images skipped)."""
-    from . import images
+    from . import files, images
 
     done = skipped = 0
     after = -1
@@ -358,12 +358,12 @@ def reembed(
         ids, pixels = [], []
         for image_id, path, sha256 in rows:
             try:
-                data = Path(path).read_bytes()
+                data, _ = files.read(path, [os.path.realpath(os.path.dirname(path))])
                 if images.sha256_bytes(data) != sha256:
                     skipped += 1
                     continue
                 decoded = images.decode(path, data, model.min_side, sha256)
-            except (OSError, images.ImageError):
+            except (files.Unreadable, images.ImageError):
                 skipped += 1
                 continue
             pixels.append(model.prepare(decoded.image))
