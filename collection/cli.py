@@ -108,6 +108,14 @@ def load_model(store: Store, name: str, weights: str | None, precision: str, run
         raise click.ClickException(str(e)) from None
 
 
+def image_row(store: Store, image: str, db_path: str) -> dict:
+    """The images row an argument names, by id or path; a clear error when there is none."""
+    row = store.by_id(int(image)) if image.isdigit() else store.by_path(os.path.abspath(image))
+    if row is None:
+        raise click.ClickException(f"no image {image!r} in {db_path}")
+    return row
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="collection")
 def cli():
@@ -182,9 +190,7 @@ def _add_files(store, files, folders, model_name, weights, precision, runtime, b
 def labels(image, db_path):
     """Show the stored labels of an image, by id or path."""
     store = open_store(db_path, create=False)
-    row = store.by_id(int(image)) if image.isdigit() else store.by_path(os.path.abspath(image))
-    if row is None:
-        raise click.ClickException(f"no image {image!r} in {db_path}")
+    row = image_row(store, image, db_path)
     click.echo(f"{row['id']}  {row['path']}")
     for label in store.labels_for(row["id"]):
         click.echo(f"  {label['rank']}. {label['label']:<30} {label['score']:.3f}  ({label['wnid']})")
@@ -638,9 +644,7 @@ def categories_show(image, db_path):
     from .categories import hierarchy
 
     store = open_store(db_path, create=False)
-    row = store.by_id(int(image)) if image.isdigit() else store.by_path(os.path.abspath(image))
-    if row is None:
-        raise click.ClickException(f"no image {image!r} in {db_path}")
+    row = image_row(store, image, db_path)
     h = hierarchy()
     found = store.db.execute("select wnid, score from image_categories where image_id = ?", [row["id"]]).fetchall()
     click.echo(f"{row['id']}  {row['path']}")

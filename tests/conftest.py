@@ -90,6 +90,13 @@ def sample_photos() -> dict[str, np.ndarray]:
 
 
 @pytest.fixture
+def inbox(tmp_path) -> Path:
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
 def images_dir(tmp_path) -> Path:
     folder = tmp_path / "images"
     folder.mkdir()

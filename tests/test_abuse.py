@@ -73,13 +73,6 @@ def _add(store, model, folder, paths=None, **options):
 
 
 @pytest.fixture
-def inbox(tmp_path) -> Path:
-    folder = tmp_path / "inbox"
-    folder.mkdir()
-    return folder
-
-
-@pytest.fixture
 def watch(inbox, db_path, small_model):
     watchers = []
 

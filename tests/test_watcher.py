@@ -24,13 +24,6 @@ RANDOM_MODEL = "efficientnet_lite0:random"
 
 
 @pytest.fixture
-def inbox(tmp_path) -> Path:
-    folder = tmp_path / "inbox"
-    folder.mkdir()
-    return folder
-
-
-@pytest.fixture
 def watch(inbox, db_path, counting_model):
     """Start a Watcher on ``inbox`` (stopped at the end); returns it once its first scan is done."""
     watchers = []
