@@ -156,6 +156,9 @@ def _add_files(store, files, folders, model_name, weights, precision, runtime, b
     from .ingest import Ingester
     from .upkeep import Upkeep
 
+    from .search import one_blas_thread
+
+    one_blas_thread()
     started = time.perf_counter()
     model = load_model(store, model_name, weights, precision, runtime)
     upkeep = Upkeep(store, refresh_map=False)
@@ -318,6 +321,9 @@ def _watcher(folder, db_path, model_name, weights, precision, runtime, poll, res
     from .ingest import IGNORE
     from .watcher import StatusLine, Watcher
 
+    from .search import one_blas_thread
+
+    one_blas_thread()
     status = status or StatusLine()
     store = open_store(db_path)
     model = load_model(store, model_name, weights, precision, runtime)

@@ -24,6 +24,7 @@ from datasette.utils.asgi import BadRequest, NotFound
 from markupsafe import Markup
 
 from collection import gallery, live, projection, serve
+from collection.search import one_blas_thread
 from collection.index import open_index, register_functions
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -99,6 +100,7 @@ def startup(datasette):
     import datasette.handle_exception as default_handler
 
     default_handler.rich = None
+    one_blas_thread()  # similar-image queries are small products: fastest on one thread
 
 
 def static_url(datasette, file: str) -> str:
