@@ -1,10 +1,13 @@
 """The reads behind the gallery (live images, newest first, filtered, a page at a time)
-and the image page (one image, deleted or not, with its labels and place on the map).
+and the image page (one image, deleted or not, with its labels, categories and place on
+the map).
 
 Pages use keyset pagination on the images' id, which grows as images are added:
 ``?before=<id>`` asks for the page below an id, so a page at a million images reads
-one page of rows from an index, never an OFFSET's worth. Run through Datasette's
-``Database.execute_fn``; nothing here imports TensorFlow.
+one page of rows from an index, never an OFFSET's worth. Filtered by a category, the
+page is its images best score first, read from image_categories' (wnid, score) index;
+the keyset is then the last (score, id): ``?below=<score>&before=<id>``. Run through
+Datasette's ``Database.execute_fn``; nothing here imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -17,8 +20,11 @@ import threading
 import time
 from dataclasses import dataclass, fields
 
+from collection import categories
+
 PAGE_SIZE = 48
 OPTIONS_TTL = 60.0  # seconds the filter menus (formats, cameras, years) are reused
+IMAGE_CATEGORY_DEPTH = 5  # the image page leaves out entity .. living thing: true of nearly every photo
 _COLUMNS = ("id", "path", "top_label", "top_score", "labels", "format", "camera", "taken_at", "width", "height")
 
 
@@ -31,6 +37,7 @@ class Filters:
     """What the gallery is narrowed to; every field optional."""
 
     label: str | None = None
+    category: str | None = None  # a wnid or a word WordNet knows ("dog", "canine", "automobile")
     format: str | None = None
     camera: str | None = None
     year: int | None = None
@@ -39,7 +46,7 @@ class Filters:
     @classmethod
     def from_args(cls, args) -> Filters:
         """From a request's query string, refusing what cannot be a filter value."""
-        text = {name: (args.get(name) or "").strip() or None for name in ("label", "format", "camera")}
+        text = {name: (args.get(name) or "").strip() or None for name in ("label", "category", "format", "camera")}
         for name, value in text.items():
             if value is not None and len(value) > 200:
                 raise BadFilter(f"{name} is too long")
@@ -64,6 +71,29 @@ class Filters:
         return bool(self.query())
 
 
+def find_category(value: str) -> categories.Category | None:
+    """A wnid, else the best category for a word by the labels plugin's search: an exact
+    lemma first ("dog" is every breed), then the shallowest partial match."""
+    h = categories.hierarchy()
+    if categories.WNID.fullmatch(value):
+        return h.categories.get(value)
+    found = h.search(value)
+    return found[0][0] if found else None
+
+
+def parse_below(value: str | None) -> float | None:
+    """The score half of a category page's keyset."""
+    if value in (None, ""):
+        return None
+    try:
+        score = float(value)
+    except ValueError:
+        score = math.nan
+    if not 0.0 <= score <= 1.0:  # also refuses nan and inf
+        raise BadFilter(f"below must be a score from 0 to 1, not {value!r}")
+    return score
+
+
 def parse_before(value: str | None) -> int | None:
     if value in (None, ""):
         return None
@@ -72,35 +102,59 @@ def parse_before(value: str | None) -> int | None:
     return int(value)
 
 
-def page(conn: sqlite3.Connection, filters: Filters, before: int | None, size: int = PAGE_SIZE) -> dict:
-    """One page of live images, newest first, and the id the next page starts below."""
+def page(
+    conn: sqlite3.Connection, filters: Filters, before: int | None, size: int = PAGE_SIZE,
+    below: float | None = None,
+) -> dict:
+    """One page of live images, newest first (a category's: best score first), and the
+    keyset the next page starts below."""
+    category = find_category(filters.category) if filters.category is not None else None
+    if filters.category is not None and category is None:
+        return {"images": [], "before": None, "below": None, "category": None}
     # With a label the query is driven from labels: its (label, image_id) index yields
     # the label's images newest first. An image carrying a label twice (ImageNet has
     # two "crane"s) would come twice, hence the grouping (in index order, no sort).
-    key = "i.id" if filters.label is None else "l.image_id"
+    # With a category it is driven from image_categories' (wnid, score) index, which
+    # holds image_id too, so (score, image_id) descending is its order: no sort either.
     where, params = ["1"], {"size": size + 1}
-    if before is not None:
-        where.append(f"{key} < :before")
-        params["before"] = before
+    if category is not None:
+        key, order, group = "ic.image_id", "ic.score desc, ic.image_id desc", ""
+        source = "image_categories ic join live_images i on i.id = ic.image_id"
+        where.append("ic.wnid = :wnid")
+        params["wnid"] = category.wnid
+        if before is not None:
+            where.append("(ic.score, ic.image_id) < (:below, :before)")
+            params.update(before=before, below=1.0 if below is None else below)
+    else:
+        key = "i.id" if filters.label is None else "l.image_id"
+        order, group = f"{key} desc", "" if filters.label is None else f"group by {key} "
+        source = "live_images i" if filters.label is None else "labels l join live_images i on i.id = l.image_id"
+        if before is not None:
+            where.append(f"{key} < :before")
+            params["before"] = before
     for column, value in (("format", filters.format), ("camera", filters.camera), ("taken_year", filters.year)):
         if value is not None:
             where.append(f"i.{column} = :{column}")
             params[column] = value
     if filters.place:
         where.append("i.latitude is not null and i.longitude is not null")
-    if filters.label is None:
-        source = "live_images i"
-    else:
-        source = "labels l join live_images i on i.id = l.image_id"
-        where.append("l.label = :label")
+    if filters.label is not None:
+        # Beside a category, the label's images are looked up by its index, not walked.
+        where.append("l.label = :label" if category is None else
+                     "i.id in (select image_id from labels where label = :label)")
         params["label"] = filters.label
-    columns = ", ".join(f"i.{c}" for c in _COLUMNS)
-    group = "" if filters.label is None else f"group by {key} "
-    sql = f"select {columns} from {source} where {' and '.join(where)} {group}order by {key} desc limit :size"
+    columns = ", ".join(f"i.{c}" for c in _COLUMNS) + (", ic.score as category_score" if category else "")
+    sql = f"select {columns} from {source} where {' and '.join(where)} {group}order by {order} limit :size"
     rows = [_card(row) for row in _dicts(conn.execute(sql, params))]
     more = len(rows) > size
     rows = rows[:size]
-    return {"images": rows, "before": rows[-1]["id"] if more else None}
+    last = rows[-1] if more else None
+    return {
+        "images": rows,
+        "before": last["id"] if last else None,
+        "below": last["category_score"] if last and category else None,
+        "category": category,
+    }
 
 
 def _card(row: dict) -> dict:
@@ -191,7 +245,25 @@ def image(conn: sqlite3.Connection, image_id: int) -> dict | None:
     ).fetchone()
     place = has_map and conn.execute("select x, y from projection where image_id = ?", [image_id]).fetchone()
     row["map_xy"] = tuple(place) if place else None  # its place on the map, 0 to 1 each way
+    row["categories"] = image_categories(conn, image_id)
     return row
+
+
+def image_categories(conn: sqlite3.Connection, image_id: int) -> list[dict]:
+    """The image's categories below the broadest few, most specific first (one seek on
+    image_categories' primary key); none where the collection has no categories."""
+    has_categories = conn.execute(
+        "select 1 from sqlite_master where type = 'table' and name = 'image_categories'"
+    ).fetchone()
+    if not has_categories:
+        return []
+    h = categories.hierarchy()
+    found = [
+        {"wnid": wnid, "name": h.categories[wnid].name, "depth": h.depth[wnid], "score": score}
+        for wnid, score in conn.execute("select wnid, score from image_categories where image_id = ?", [image_id])
+        if wnid in h.categories and h.depth[wnid] >= IMAGE_CATEGORY_DEPTH
+    ]
+    return sorted(found, key=lambda c: (-c["depth"], -c["score"], c["name"]))
 
 
 def names(conn: sqlite3.Connection, ids: list[int]) -> dict[int, dict]:

@@ -231,10 +231,13 @@ async def gallery_page(datasette, request):
     try:
         filters = gallery.Filters.from_args(request.args)
         before = gallery.parse_before(request.args.get("before"))
+        below = gallery.parse_below(request.args.get("below"))
     except gallery.BadFilter as e:
         raise BadRequest(str(e)) from None
+    if filters.category is not None and not await db.table_exists("image_categories"):
+        raise BadRequest("This collection has no categories yet: open it with `collection serve` to upgrade it")
 
-    found = await db.execute_fn(lambda conn: gallery.page(conn, filters, before))
+    found = await db.execute_fn(lambda conn: gallery.page(conn, filters, before, below=below))
     options = gallery.options(db.path)
     urls = datasette.urls
 
@@ -253,8 +256,11 @@ async def gallery_page(datasette, request):
                 "filters": filters,
                 "options": options,
                 "chips": [(label, n, link(label=label)) for label, n in gallery.label_chips(found["images"])],
-                "clear": {name: link(**{name: None}) for name in ("label", "format", "camera", "year", "place")},
-                "next_url": link(before=found["before"]) if found["before"] else None,
+                "clear": {
+                    name: link(**{name: None}) for name in ("label", "category", "format", "camera", "year", "place")
+                },
+                "category_url": urls.path(f"/-/labels/{found['category'].wnid}") if found["category"] else None,
+                "next_url": link(before=found["before"], below=found["below"]) if found["before"] else None,
                 "first_url": link() if before is not None else None,
                 "database": db.name,
                 "table_url": urls.table(db.name, "live_images"),
@@ -299,6 +305,7 @@ async def image_page(datasette, request):
                 "row_url": urls.row(db.name, "images", str(image_id)),
                 "gallery_url": urls.path("/-/gallery"),
                 "label_url": lambda label: urls.path("/-/gallery") + _query({"label": label}),
+                "category_url": lambda wnid: urls.path("/-/gallery") + _query({"category": wnid}),
                 "size": _bytes(row["size"]),
                 "modified": _when(row["mtime"]),
                 "added": _stamp(row["added_at"]),

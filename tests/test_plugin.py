@@ -45,6 +45,25 @@ IMAGES = [
 ]
 
 
+# ImageNet class indices of the labels above, for each image's full distribution (its categories).
+CLASS_INDEX = {
+    "tabby": 281, "tiger cat": 282, "Egyptian cat": 285, "lynx": 287, "golden retriever": 207,
+    "Labrador retriever": 208, "sports car": 817, "convertible": 511, "racer": 751,
+    "goldfinch": 11, "brambling": 10, "house finch": 12,
+}
+DOG, FELINE, CAR = "n02084071", "n02120997", "n02958343"
+
+
+def distribution(labels: list[str]) -> np.ndarray:
+    """0.5, 0.25, 0.15 on the labels (best first); the rest on class 0 (tench)."""
+    probs = np.zeros(1000, np.float32)
+    for label, p in zip(labels, (0.5, 0.25, 0.15)):
+        if label in CLASS_INDEX:
+            probs[CLASS_INDEX[label]] = p
+    probs[0] = 1.0 - probs.sum()
+    return probs
+
+
 def unit(v: np.ndarray) -> np.ndarray:
     return (v / np.linalg.norm(v)).astype("<f4")
 
@@ -84,6 +103,7 @@ def add_row(store: Store, path: Path, vector, labels, **metadata) -> int:
         [(f"n{i:08d}", label, round(0.6 / (i + 1), 3)) for i, label in enumerate(labels)],
         "test-model",
         (images.thumbnail(decoded.image), decoded.width, decoded.height),
+        probabilities=distribution(labels),
     )
 
 
@@ -752,7 +772,64 @@ async def test_gallery_label_filter_pages_by_keyset(ds, collection):
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("query", ["year=20x1", "year=99999", "before=abc", "before=-1", "label=" + "x" * 300])
+@pytest.mark.parametrize(
+    "category, expected",
+    [  # every breed under dog; a word WordNet knows for a category finds it; rolled-up scores
+        ("dog", ["dog.png"]),
+        (DOG, ["dog.png"]),
+        ("canine", ["dog.png"]),
+        ("domestic dog", ["dog.png"]),
+        ("automobile", ["car.jpg"]),
+        ("feline", ["cat1.jpg", "cat2.jpg", "dog.png", HOSTILE]),  # dog.png is 0.25 tabby; gone.jpg is deleted
+        ("no-such-word-anywhere", []),
+    ],
+)
+async def test_gallery_category_filter(ds, collection, category, expected):
+    db_path, _, ids = collection
+    html = (await ds.client.get("/-/gallery", params={"category": category})).text
+    shown = [int(n) for n in re.findall(r'href="/-/gallery/(\d+)" title=', html)]
+    assert sorted(shown) == sorted(ids[name] for name in expected)
+    conn = sqlite3.connect(db_path)
+    scores = [conn.execute("select score from image_categories where image_id = ? and wnid = ?",
+                           [i, FELINE if category == "feline" else (CAR if category == "automobile" else DOG)]
+                           ).fetchone()[0] for i in shown]
+    assert scores == sorted(scores, reverse=True)  # best first
+    if expected:
+        assert 'name="category" value="' + category + '"' in html
+        assert "category: " in html.split('class="collection-active"')[1]
+    else:
+        assert "No images match these filters" in html and "WordNet has no category" in html
+
+
+@pytest.mark.asyncio
+async def test_gallery_category_pages_by_keyset(ds, collection):
+    from collection import gallery
+
+    _, _, ids = collection
+    db = ds.get_database("collection")
+    filters = gallery.Filters(category="feline")
+    whole = await db.execute_fn(lambda conn: gallery.page(conn, filters, None))
+    assert len(whole["images"]) == 4 and whole["before"] is None
+    seen, before, below = [], None, None
+    while True:  # one image a page, each page below the last's (score, id)
+        one = await db.execute_fn(lambda conn: gallery.page(conn, filters, before, size=1, below=below))
+        seen += [r["id"] for r in one["images"]]
+        if one["before"] is None:
+            break
+        before, below = one["before"], one["below"]
+    assert seen == [r["id"] for r in whole["images"]]
+    html = (await ds.client.get("/-/gallery?category=feline&year=2021")).text
+    assert [int(n) for n in re.findall(r'href="/-/gallery/(\d+)" title=', html)] == [
+        r["id"] for r in whole["images"] if r["id"] != ids["dog.png"]]  # other filters still apply
+    first = await db.execute_fn(lambda conn: gallery.page(conn, filters, None, size=2))
+    html = (await ds.client.get("/-/gallery", params={"category": "feline", "before": first["before"],
+                                                       "below": repr(first["below"])})).text
+    assert [int(n) for n in re.findall(r'href="/-/gallery/(\d+)" title=', html)] == [
+        r["id"] for r in whole["images"][2:]]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("query", ["below=abc", "below=nan", "below=2", "category=" + "x" * 300, "year=20x1", "year=99999", "before=abc", "before=-1", "label=" + "x" * 300])
 async def test_gallery_refuses_bad_parameters(ds, query):
     response = await ds.client.get(f"/-/gallery?{query}")
     assert response.status_code == 400
@@ -764,15 +841,21 @@ async def test_gallery_pages_are_read_from_indexes(collection):
     from collection import gallery
 
     conn = sqlite3.connect(collection[0])
-    for filters in (gallery.Filters(), gallery.Filters(format="JPEG"), gallery.Filters(label="tabby")):
+    for filters in (
+        gallery.Filters(), gallery.Filters(format="JPEG"), gallery.Filters(label="tabby"),
+        gallery.Filters(category="dog"), gallery.Filters(category="feline", year=2021),
+    ):
         captured = []
         conn.set_trace_callback(captured.append)
-        gallery.page(conn, filters, before=5)
+        gallery.page(conn, filters, before=5, below=0.5)
         conn.set_trace_callback(None)
         sql = captured[-1]
         plan = " | ".join(row[3] for row in conn.execute("explain query plan " + sql))
         assert "USE TEMP B-TREE FOR ORDER BY" not in plan, plan
         assert "SCAN i" not in plan or "INTEGER PRIMARY KEY" in plan or "rowid" in plan.lower(), plan
+        if filters.category:  # a seek into the (wnid, score) index, from the keyset on
+            assert "SEARCH ic USING COVERING INDEX image_categories_wnid_score (wnid=? AND" in plan, plan
+            assert "SCAN" not in plan, plan
     captured = []
     conn.set_trace_callback(captured.append)
     gallery.names(conn, [1, 2, 3])  # the similar strip's rows: looked up by id, not scanned
@@ -789,6 +872,11 @@ async def test_image_page_shows_preview_labels_exif_and_similar_strip(ds, collec
     assert f'<img src="/-/image/{image_id}"' in html  # the full image as the preview
     assert "cat1.jpg" in html and "Canon EOS 5D" in html and "2021-05-01T10:00:00" in html
     assert 'href="/-/gallery?label=tiger+cat"' in html and "0.600" in html
+    categories = html.split('class="collection-labels collection-categories"')[1].split("</table>")[0]
+    names = re.findall(r'href="/-/gallery\?category=(n\d{8})"', categories)
+    assert "n02121808" in names and FELINE in names  # domestic cat, feline: most specific first
+    assert names.index("n02121808") < names.index(FELINE) and "n00001740" not in names  # not entity
+    assert "0.900" in categories or "0.899" in categories or "0.901" in categories  # tabby+tiger+Egyptian
     strip = html.split('class="collection-strip"')[1]
     neighbours = [int(n) for n in re.findall(r'href="/-/gallery/(\d+)"', strip)]
     assert neighbours == [i for i, score in expected_neighbours(ids, "cat1.jpg") if score >= 0]
