@@ -60,6 +60,9 @@ async def map_page(datasette, request):
         "card": urls.path("/-/map/image/"),
         "thumbnail": urls.path("/-/thumbnail/"),
         "similar": urls.path("/-/similar/"),
+        # the highlight box also takes a category word (labels plugin; 404 without categories)
+        "category_search": urls.path("/-/labels/search.json"),
+        "category_ids": urls.path("/-/labels/"),
     }
     return Response.html(
         await datasette.render_template(
