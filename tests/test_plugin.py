@@ -802,6 +802,24 @@ async def test_gallery_category_filter(ds, collection, category, expected):
 
 
 @pytest.mark.asyncio
+async def test_map_highlights_a_category_through_the_urls_it_is_given(ds, collection):
+    """What the map's highlight box does with a category word: search it, then list its ids."""
+    from collection import projection
+
+    db_path, _, ids = collection
+    store = Store(db_path)
+    projection.project(store, method="pca")
+    store.close()
+    html = (await ds.client.get("/-/map")).text
+    config = json.loads(html.split('<script type="application/json" id="map-config">')[1].split("</script>")[0])
+    found = (await ds.client.get(config["category_search"], params={"q": "feline", "limit": 1})).json()
+    best = found["results"][0]
+    assert best["wnid"] == FELINE and best["matched"] == "feline"
+    listed = (await ds.client.get(config["category_ids"] + best["wnid"] + "/ids.json")).json()["ids"]
+    assert sorted(listed) == sorted(ids[n] for n in ("cat1.jpg", "cat2.jpg", "dog.png", HOSTILE))
+
+
+@pytest.mark.asyncio
 async def test_gallery_category_pages_by_keyset(ds, collection):
     from collection import gallery
 
