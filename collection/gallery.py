@@ -89,8 +89,8 @@ def parse_below(value: str | None) -> float | None:
         score = float(value)
     except ValueError:
         score = math.nan
-    if not 0.0 <= score <= 1.0:  # also refuses nan and inf
-        raise BadFilter(f"below must be a score from 0 to 1, not {value!r}")
+    if not (math.isfinite(score) and score >= 0.0):  # a rolled-up float16 sum may pass 1 a little
+        raise BadFilter(f"below must be a score, a number from 0, not {value!r}")
     return score
 
 
@@ -124,7 +124,7 @@ def page(
         params["wnid"] = category.wnid
         if before is not None:
             where.append("(ic.score, ic.image_id) < (:below, :before)")
-            params.update(before=before, below=1.0 if below is None else below)
+            params.update(before=before, below=math.inf if below is None else below)
     else:
         key = "i.id" if filters.label is None else "l.image_id"
         order, group = f"{key} desc", "" if filters.label is None else f"group by {key} "
