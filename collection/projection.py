@@ -53,6 +53,9 @@ REFRESH_FRACTION = 0.2  # recompute once placed + unplaced images exceed this sh
 # 0.3 s), measured on a busy 2-core machine. None uses every core: for an idle machine.
 THREADS: int | None = 1
 
+# A collection gets its first map from the watcher once it has this many images, so the
+# map page has something to show soon after `collection start` (fewer make a poor map).
+AUTO_MAP_MIN = 50
 # Called with the number of stored vectors each read decodes, for tests to count: placing
 # a batch reads the batch's own vectors, however large the collection.
 on_vectors_read: Callable[[int], None] | None = None
@@ -248,9 +251,17 @@ def project(
     perplexity: float = PERPLEXITY,
     echo: Callable[[str], None] | None = None,
     threads: int | None = THREADS,
+    stopping: threading.Event | None = None,
 ) -> Projection:
-    """Lay out every live image with a vector and replace the map with it."""
+    """Lay out every live image with a vector and replace the map with it. Once
+    ``stopping`` is set it gives up (ProjectionError) at its next read or before writing,
+    leaving the map as it was: a daemon that is asked to stop does not wait for a map."""
     echo = echo or (lambda message: None)
+
+    def read(rows: np.ndarray) -> np.ndarray:
+        _check(stopping)
+        return _vectors_of(store, ids[rows])
+
     start = time.perf_counter()
     ids = np.fromiter(
         (row[0] for row in store.db.execute(f"select images.id {_LIVE_VECTORS} order by images.id")),
@@ -267,10 +278,11 @@ def project(
     }[used]
     echo(f"Projecting {len(ids):,} images: {steps}")
     points, used = layout_from(
-        len(ids), lambda rows: _vectors_of(store, ids[rows]), method, perplexity, threads=threads
+        len(ids), read, method, perplexity, threads=threads
     )
     tiles = spatial_order(points)
     seconds = time.perf_counter() - start
+    _check(stopping)
     with _write_lock(store):
         store.db.execute("delete from projection")
         store.db.conn.executemany(
@@ -299,6 +311,11 @@ def project(
     ]
     placed = place_new(store, late)
     return Projection(used, len(ids), placed, time.perf_counter() - start)
+
+
+def _check(stopping: threading.Event | None) -> None:
+    if stopping is not None and stopping.is_set():
+        raise ProjectionError("stopped before the map was made")
 
 
 def place_new(store: Store, image_ids: Iterable[int]) -> int:
@@ -441,23 +458,31 @@ def summary(conn: sqlite3.Connection) -> dict | None:
 
 
 def needs_refresh(store: Store) -> bool:
-    """Whether enough has changed since the map was computed to compute it again:
-    images placed since, plus images not on it yet, over REFRESH_FRACTION of it."""
+    """Whether the map is due: none yet and AUTO_MAP_MIN images with vectors, or enough
+    changed since it was computed (images placed since, plus images not on it yet, over
+    REFRESH_FRACTION of it)."""
     state = summary(store.db.conn)
     if state is None:
-        return False
+        return _has_projection_table(store.db.conn) and store.db.execute(
+            f"select count(*) >= ? from (select 1 {_LIVE_VECTORS} limit ?)",
+            [AUTO_MAP_MIN, AUTO_MAP_MIN],
+        ).fetchone()[0] == 1
     return state["placed"] + state["unplaced"] > REFRESH_FRACTION * max(state["projected"], 1)
 
 
 _refreshing = threading.Lock()
 
 
-def refresh_in_background(store: Store) -> threading.Thread | None:
+def refresh_in_background(store: Store, stopping: threading.Event | None = None) -> threading.Thread | None:
     """Recompute the map in a daemon thread (with its own connection) when it needs it,
-    as it was last asked for. None when nothing is due or a recompute is already running."""
+    as it was last asked for. None when nothing is due or a recompute is already running.
+    Setting ``stopping`` makes the recompute give up without writing (see `project`);
+    nobody joins the thread, so a stopping daemon exits without waiting for a layout."""
+    if stopping is not None and stopping.is_set():
+        return None
     if not needs_refresh(store) or not _refreshing.acquire(blocking=False):
         return None
-    method = store.get_meta("projection_requested") or "auto"
+    method = store.get_meta("projection_requested") or "auto"  # auto for the first map
     perplexity = float(store.get_meta("projection_perplexity") or PERPLEXITY)
     path = store.path
 
@@ -465,7 +490,9 @@ def refresh_in_background(store: Store) -> threading.Thread | None:
         try:
             own = Store(path)
             try:
-                project(own, method, perplexity)
+                project(own, method, perplexity, stopping=stopping)
+            except ProjectionError:
+                pass  # stopped, or every image deleted meanwhile: the next batch asks again
             finally:
                 own.close()
         finally:

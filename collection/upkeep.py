@@ -5,6 +5,8 @@ and a first fill of ``matches`` run in background threads that nothing waits for
 
 from __future__ import annotations
 
+import threading
+
 from . import duplicates, projection
 from .index import Indexer
 from .matches import stop_filling, update_matches
@@ -16,9 +18,9 @@ class Upkeep:
     ids marked deleted; ``join`` before exiting. Exiting waits for no index build: one in
     progress is abandoned with the process and its temporaries are removed at the next
     start (searches stay exact meanwhile); a background fill of ``matches`` stops after
-    its chunk and resumes next time."""
+    its chunk and resumes next time; a map recompute gives up without writing."""
 
-    def __init__(self, store: Store, refresh_map: bool = True):
+    def __init__(self, store: Store, refresh_map: bool = True, stopping: threading.Event | None = None):
         self.store = store
         self.indexer = Indexer(store.path)
         self.indexer.check()  # a collection from before segments gets its index at once
@@ -26,6 +28,8 @@ class Upkeep:
         # `collection add` only places its images, since its process would not outlive
         # the recompute.
         self.refresh_map = refresh_map
+        # Set by the owner's stop request (or by join): a map recompute gives up at once.
+        self._stopping = stopping or threading.Event()
 
     def after_batch(self, ids: list[int]) -> None:
         update_matches(self.store, ids)
@@ -33,7 +37,7 @@ class Upkeep:
         projection.place_new(self.store, ids)
         duplicates.update(self.store, ids)
         if self.refresh_map:
-            projection.refresh_in_background(self.store)
+            projection.refresh_in_background(self.store, self._stopping)
 
     def after_delete(self, ids: list[int]) -> None:
         update_matches(self.store, deleted_ids=ids)
@@ -41,4 +45,5 @@ class Upkeep:
         self.indexer.check()  # deleted copies count toward compaction
 
     def join(self) -> None:
+        self._stopping.set()  # not waited for: the map is recomputed again after the next start
         stop_filling(self.store.path)

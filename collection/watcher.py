@@ -167,7 +167,7 @@ class Watcher:
     def _run(self) -> None:
         try:
             self.store = Store(self.db_path)
-            self.upkeep = Upkeep(self.store)
+            self.upkeep = Upkeep(self.store, stopping=self._stopping)
             self.ingester = self._ingester()
         except BaseException as e:
             self._error = e

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -301,6 +302,46 @@ def test_placing_a_batch_reads_the_batch_vectors_only(tmp_path, monkeypatch, per
     monkeypatch.setattr(projection, "on_vectors_read", reads.append)
     assert projection.place_new(store, batch) == 3
     assert sum(reads) == 3
+
+
+def test_the_watcher_makes_the_first_map_once_there_are_enough_images(collection, monkeypatch):
+    db_path, members = collection
+    store = Store(db_path)
+    monkeypatch.setattr(projection, "AUTO_MAP_MIN", len(members) + 1)
+    assert not projection.needs_refresh(store)
+    assert projection.refresh_in_background(store) is None
+    add_image(store, "one_more.jpg", cluster_centres(6)[0], [LABELS[0]], pattern(0, 1))
+    assert projection.needs_refresh(store)
+    thread = projection.refresh_in_background(store)
+    thread.join(timeout=120)
+    state = projection.summary(store.db.conn)
+    assert (state["method"], state["projected"]) == ("tsne", len(members) + 1)
+    assert not projection.needs_refresh(store)
+
+
+def test_a_stop_request_makes_a_recompute_give_up_without_writing(collection, monkeypatch):
+    """A daemon asked to stop sets the event; the recompute in its background thread
+    stops at its next read or before writing, so the daemon's last writes never wait
+    for a map, and the map stays as it was."""
+    db_path, members = collection
+    store = Store(db_path)
+    monkeypatch.setattr(projection, "AUTO_MAP_MIN", len(members))
+    stopping = threading.Event()
+    monkeypatch.setattr(projection, "on_vectors_read", lambda count: stopping.set())  # mid-layout
+    with pytest.raises(projection.ProjectionError, match="stopped"):
+        projection.project(store, stopping=stopping)
+    assert projection.summary(store.db.conn) is None
+    assert projection.needs_refresh(store)
+    assert projection.refresh_in_background(store, stopping) is None  # none starts once stopping
+
+    stopping = threading.Event()
+    thread = projection.refresh_in_background(store, stopping)
+    thread.join(timeout=120)  # this one sets the event at its first read and gives up
+    assert not thread.is_alive()
+    assert projection.summary(store.db.conn) is None
+    monkeypatch.setattr(projection, "on_vectors_read", None)
+    projection.refresh_in_background(store, threading.Event()).join(timeout=120)
+    assert projection.summary(store.db.conn)["projected"] == len(members)
 
 
 def test_place_new_inside_the_callers_transaction(collection):
