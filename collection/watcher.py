@@ -123,6 +123,11 @@ class Watcher:
         self._events: queue.Queue[FileSystemEvent] = queue.Queue()
         self._stopping = threading.Event()
         self._opened = threading.Event()
+        # Set as the worker exits. Waited on instead of Thread.join: on Python 3.11 a join
+        # interrupted by KeyboardInterrupt (SIGTERM, see run_until_stopped) marks the thread
+        # stopped while it runs, so a later join returned at once and the process exited
+        # mid-batch, without its final status line.
+        self._done = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="watcher", daemon=True)
         # Everything below belongs to the worker thread.
@@ -149,12 +154,11 @@ class Watcher:
         """Finish the batch in hand, write it, and exit."""
         self._stopping.set()
         if self._thread.ident is not None:
-            self._thread.join()
+            self._done.wait()
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the worker to exit; whether it has."""
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        return self._done.wait(timeout)
 
     def __enter__(self) -> Watcher:
         return self.start()
@@ -165,6 +169,12 @@ class Watcher:
     # --- the worker ---------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._work()
+        finally:
+            self._done.set()
+
+    def _work(self) -> None:
         try:
             self.store = Store(self.db_path)
             self.upkeep = Upkeep(self.store, stopping=self._stopping)
