@@ -284,3 +284,26 @@ def test_kill_9_mid_batch_then_start_adds_every_file_exactly_once(inbox, tmp_pat
     ).fetchone()[0]
     assert half_written == 0
     assert store.db["failures"].count == 0
+
+
+def test_sigterm_to_watch_finishes_the_worker_and_says_stopped(inbox, tmp_path, store):
+    """SIGTERM mostly lands while the main thread waits for the worker. On Python 3.11 an
+    interrupted Thread.join marked the running worker stopped, so `watch` exited at once
+    with the batch unwritten and no final status line; the wait is on an event now."""
+    make_image(inbox / "one.png", seed=1)
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "collection", "watch", str(inbox), "--db", str(tmp_path / "collection.db"),
+         "--model", RANDOM_MODEL],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: logged(store, "files") == 1 or daemon.poll() is not None, 120, 0.25, "the first scan")
+        time.sleep(1.0)  # the main thread is back in its wait for the worker
+        daemon.terminate()
+        _, err = daemon.communicate(timeout=60)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    assert daemon.returncode == 0, err
+    assert "stopped: 1 seen, 1 stored" in err, err
