@@ -632,6 +632,8 @@ async def test_map_page(mapped):
         "card": "/-/map/image/",
         "thumbnail": "/-/thumbnail/",
         "similar": "/-/similar/",
+        "category_search": "/-/labels/search.json",
+        "category_ids": "/-/labels/",
     }
     assert "<script>alert" not in html  # labels reach the page only as JSON, shown with textContent
 
