@@ -17,7 +17,7 @@ from pathlib import Path
 from datasette import Response, hookimpl
 from datasette.utils.asgi import BadRequest, NotFound
 
-from collection import projection
+from collection import projection, serve
 from datasette_plugins.collection_plugin import collection_db, collection_name
 
 ATLAS_CACHE = 256  # atlases kept in memory: about 30 MB, every atlas of a 50k-image map
@@ -72,6 +72,8 @@ async def map_page(datasette, request):
                 "config": config,
                 "database": db.name,
                 "db_file": Path(db.path).name if db.path else db.name,
+                "cli": serve.cli_command(),
+                "auto_map_min": projection.AUTO_MAP_MIN,
             },
             request=request,
         )

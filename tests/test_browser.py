@@ -309,6 +309,16 @@ def test_status_during_a_burst_then_a_deleted_image(tmp_path, page):
         assert float(settled["watcher.rate"]) > 0  # over the last minute, the burst still counts
         screenshot(page, "status-settled")
 
+        # The watcher made the first map by itself (60 images, over AUTO_MAP_MIN).
+        def map_drawn() -> bool:
+            page.goto(f"{base}/-/map")
+            return "no map yet" not in page.content()
+
+        wait_until(map_drawn, 60, interval=1.0, message="the watcher's first map")
+        page.wait_for_function("document.querySelector('canvas')?.dataset.count === '60'", timeout=30_000)
+        screenshot(page, "map-from-start")
+        page.goto(f"{base}/-/status")
+
         store = Store(db_path)
         gone_id, gone_path, gone_label = store.db.execute(
             "select id, path, top_label from images order by id limit 1"
