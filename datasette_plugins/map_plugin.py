@@ -18,7 +18,7 @@ from datasette import Response, hookimpl
 from datasette.utils.asgi import BadRequest, NotFound
 
 from collection import projection, serve
-from datasette_plugins.collection_plugin import collection_db, collection_name
+from datasette_plugins.collection_plugin import collection_db, collection_name, static_url
 
 ATLAS_CACHE = 256  # atlases kept in memory: about 30 MB, every atlas of a 50k-image map
 _atlases: OrderedDict[tuple, bytes] = OrderedDict()
@@ -73,6 +73,7 @@ async def map_page(datasette, request):
                 "database": db.name,
                 "db_file": Path(db.path).name if db.path else db.name,
                 "cli": serve.cli_command(),
+                "map_js": static_url(datasette, "map.js"),
                 "auto_map_min": projection.AUTO_MAP_MIN,
             },
             request=request,
