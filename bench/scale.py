@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import io
 import json
 import os
 import resource
@@ -37,11 +36,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest import build_corpus  # noqa: E402  (bench/ingest.py: distinct real photos)
-from serve import free_port, serve  # noqa: E402  (bench/serve.py: `collection serve`)
+from serve import free_port, serve, thumbnails  # noqa: E402  (bench/serve.py: `collection serve`, synthetic thumbnails)
 
 from collection import projection  # noqa: E402
 from collection.index import build, open_index  # noqa: E402
@@ -58,18 +56,6 @@ WARM_UP = 5
 
 
 # --- the synthetic collection --------------------------------------------------------------
-
-
-def thumbnails(count: int, rng: np.random.Generator) -> list[bytes]:
-    """Distinct smooth JPEGs of a thumbnail's size and weight."""
-    out = []
-    for _ in range(count):
-        pixels = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-        image = Image.fromarray(pixels).resize((256, 192), Image.Resampling.BICUBIC)
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=80)
-        out.append(buffer.getvalue())
-    return out
 
 
 def build_collection(size: int, dimensions: int) -> Path:
