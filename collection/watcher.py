@@ -188,7 +188,10 @@ class Watcher:
             self._loop()
         finally:
             self._unwatch()
-            self.upkeep.join()  # a background matches fill stops; an index build is abandoned, its temporaries cleaned at the next start
+            # Background work is told to stop, not waited for: a matches fill resumes and a
+            # map recompute runs again after the next start; an index build is abandoned
+            # and its temporaries cleaned then.
+            self.upkeep.join()
             self.stats.state = "stopped"
             self._report(force=True)
             self.store.close()
