@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SEEDS = Path(os.environ.get("COLLECTION_PHOTOS") or ROOT.parent / "shared" / "photos")
 CACHE = Path(tempfile.gettempdir()) / "collection-bench"
 CORES = os.cpu_count() or 1
-CPU_FLAGS = "grep -o -w 'avx512[a-z_0-9]*\\|avx2\\|amx[a-z_]*' /proc/cpuinfo | sort -u"
+CPU_FLAGS = "grep -o -w 'avx512[a-z_0-9]*\\|avx2\\|amx[a-z_0-9]*' /proc/cpuinfo | sort -u"
 
 
 def seed_photos() -> list[Image.Image]:
@@ -182,32 +182,33 @@ def run_decode(name: str, files: list[Path]) -> dict:
 
 def run_add(name: str, runtime: str, precision: str, files: list[Path], batch_size: int | None) -> dict:
     """`collection add` end to end: decode + model + SQLite + matches, into a new database."""
-    from collection.ingest import Ingester
+    from collection.ingest import Ingester, upkeep_behind
     from collection.store import Store
-    from collection.upkeep import Upkeep
 
     model = make_model(name, runtime, precision)
     model.embed_batch([np.zeros((model.input_size,) * 2 + (3,), np.uint8)] * (batch_size or model.batch_size))
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "bench.db")
-        upkeep = Upkeep(store, refresh_map=False)  # as `collection add` does
+        upkeep = upkeep_behind(store.path, refresh_map=False)  # as `collection add` does
         rss: list[float] = []
 
         def after_batch(ids):
-            upkeep.after_batch(ids)
+            upkeep(ids)
             rss.append(current_rss_mb())
 
+        after_batch.wait = upkeep.wait
         ingester = Ingester(store, model, batch_size=batch_size, on_batch=after_batch)
         start, cpu = time.perf_counter(), time.process_time()
         summary = ingester.add([str(p) for p in files])
-        upkeep.join()
+        upkeep.close()
         elapsed = time.perf_counter() - start
         core_ms = 1000 * (time.process_time() - cpu) / len(files)
         assert summary.added == len(files), summary.line()
     shares = {k: v / elapsed for k, v in summary.seconds.items()}
     # Flat memory: resident size at the end against after the first quarter of the batches.
     growth = rss[-1] - rss[len(rss) // 4]
-    return {"rate": len(files) / elapsed, "add_core_ms": core_ms, "shares": shares, "rss_growth_mb": growth, "workers": ingester.workers}
+    return {"rate": len(files) / elapsed, "add_core_ms": core_ms, "upkeep_core_ms": 1000 * upkeep.core_seconds / len(files),
+            "shares": shares, "rss_growth_mb": growth, "workers": ingester.workers}
 
 
 def run_agreement(name: str, files: list[Path], configs: list[tuple[str, str]]) -> dict:
@@ -288,7 +289,7 @@ def measure(run: str, name: str, corpus: Path, runtime: str = "", precision: str
 def combine(runs: list[dict]) -> dict:
     """Medians over rounds (rates, core-ms, time shares), highest peak RSS."""
     out = {"peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
-    for key in ("rate", "model_core_ms", "decode_core_ms", "add_core_ms"):
+    for key in ("rate", "model_core_ms", "decode_core_ms", "add_core_ms", "upkeep_core_ms"):
         if key in runs[0]:
             out[key] = float(np.median([r[key] for r in runs]))
     if "batch" in runs[0]:

@@ -153,30 +153,33 @@ def add(paths, db_path, model_name, weights, precision, runtime, recursive, batc
 def _add_files(store, files, folders, model_name, weights, precision, runtime, batch_size, max_bytes, max_pixels):
     """Run ``files`` through the model into ``store``, retrying earlier failures; print the summary."""
     from .files import Limits
-    from .ingest import Ingester
-    from .upkeep import Upkeep
+    from .ingest import Ingester, upkeep_behind
 
     from .search import one_blas_thread
 
     one_blas_thread()
     started = time.perf_counter()
     model = load_model(store, model_name, weights, precision, runtime)
-    upkeep = Upkeep(store, refresh_map=False)
-    ingester = Ingester(
-        store,
-        model,
-        batch_size=batch_size,
-        on_batch=upkeep.after_batch,
-        folders=folders,
-        limits=Limits(max_bytes, max_pixels),
-        retry_failed=True,
-    )
-    if len(files) >= PROGRESS_FROM:
-        with click.progressbar(length=len(files), label="Adding", show_pos=True, file=click.get_text_stream("stderr")) as bar:
-            summary = ingester.add(files, progress=bar.update)
-    else:
-        summary = ingester.add(files)
-    upkeep.join()
+    # Matches, duplicates and the index catch up after each batch on a thread of their
+    # own, while the next batch is decoded and embedded.
+    upkeep = upkeep_behind(store.path, refresh_map=False)
+    try:
+        ingester = Ingester(
+            store,
+            model,
+            batch_size=batch_size,
+            on_batch=upkeep,
+            folders=folders,
+            limits=Limits(max_bytes, max_pixels),
+            retry_failed=True,
+        )
+        if len(files) >= PROGRESS_FROM:
+            with click.progressbar(length=len(files), label="Adding", show_pos=True, file=click.get_text_stream("stderr")) as bar:
+                summary = ingester.add(files, progress=bar.update)
+        else:
+            summary = ingester.add(files)
+    finally:
+        upkeep.close()
     store.log_ingest(
         {"source": "add", "files": summary.seen, "added": summary.added, "updated": summary.updated,
          "reused": summary.reused, "unchanged": summary.unchanged, "failed": summary.failed,

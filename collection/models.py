@@ -144,7 +144,9 @@ class Model:
         model's precision, which OpenVINO applies itself."""
         self.keras_model = self._build()
         digest = runtimes.weights_digest(self.keras_model)
-        return runtimes.openvino_forward(self._traced(), self.model_id, digest, self.precision, runtimes.cache_dir())
+        return runtimes.openvino_forward(
+            self._traced(), self.model_id, digest, self.precision, runtimes.cache_dir(), self.batch_size
+        )
 
     def weights_available(self) -> str | None:
         """Where this model's weights would come from here, or None if nowhere."""

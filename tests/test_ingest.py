@@ -238,3 +238,95 @@ def test_decoding_threads_leave_a_cpu_model_most_cores(monkeypatch):
         assert ingest.decode_workers(Model()) == cores
         Model.accelerated = True
         assert ingest.decode_workers(Model()) == on_gpu
+
+
+def _photo_copies(folder) -> list:
+    """The shipped sample photos, each with a smaller re-encoded copy and a crop: matches
+    and duplicate groups with something in them."""
+    from conftest import sample_photos
+
+    paths = []
+    for name, array in sample_photos().items():
+        photo = Image.fromarray(array).convert("RGB")
+        w, h = photo.size
+        photo.save(folder / f"{name}.jpg", quality=90)
+        photo.resize((w // 2, h // 2)).save(folder / f"{name}-small.png")
+        photo.crop((w // 10, 0, w, h)).save(folder / f"{name}-crop.jpg", quality=80)
+        paths += [folder / f"{name}.jpg", folder / f"{name}-small.png", folder / f"{name}-crop.jpg"]
+    return paths
+
+
+def _upkept(db) -> list:
+    rows = [("matches", *r) for r in db.execute("select image_id, match_id, rank, round(score, 5) from matches order by 1, 3")]
+    rows += [("duplicates", *r) for r in db.execute("select tier, group_id, image_id, is_keeper, round(score, 5) from duplicate_groups order by 1, 3")]
+    return rows
+
+
+def test_upkeep_behind_leaves_what_upkeep_inline_leaves(tmp_path, small_model):
+    """Matches and duplicate groups are the same whether the upkeep after each batch runs
+    inline or on its own thread while the next batch is embedded."""
+    from collection.ingest import upkeep_behind
+    from collection.upkeep import Upkeep
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    paths = _photo_copies(folder)
+    inline = Store(tmp_path / "inline.db")
+    upkeep = Upkeep(inline, refresh_map=False)
+    first = _add(inline, small_model, paths, batch_size=4, on_batch=upkeep.after_batch)
+    upkeep.join()
+    behind = Store(tmp_path / "behind.db")
+    upkeep = upkeep_behind(behind.path)
+    second = _add(behind, small_model, paths, batch_size=4, on_batch=upkeep)
+    upkeep.close()
+    assert first.line() == second.line() and first.added == len(paths)
+    assert upkeep.core_seconds > 0
+    expected = _upkept(inline.db)
+    assert any(r[0] == "matches" for r in expected) and any(r[0] == "duplicates" for r in expected)
+    assert _upkept(behind.db) == expected
+
+
+def test_work_behind_sees_its_batch_committed_and_not_the_next(store, small_model, images_dir):
+    import threading
+
+    from collection.ingest import Behind
+
+    paths = [make_image(images_dir / f"{i}.png", seed=i) for i in range(7)]
+    seen, finished = [], []
+
+    def start():
+        own = Store(store.path)  # opened on the thread that uses it
+
+        def call(ids):
+            time.sleep(0.05)  # longer than a batch of small images: the next one must wait
+            count = own.db.execute("select count(*) from images").fetchone()[0]
+            seen.append((threading.current_thread() is threading.main_thread(), len(ids), count))
+
+        return call, lambda: finished.append(own.close())
+
+    behind = Behind(start)
+    summary = _add(store, small_model, paths, batch_size=3, on_batch=behind)
+    assert len(seen) == 3  # add returns once the last batch's work is done
+    behind.close()
+    assert summary.added == 7 and finished == [None]
+    assert seen == [(False, 3, 3), (False, 3, 6), (False, 1, 7)]
+
+
+def test_an_error_behind_is_raised_by_add(store, small_model, images_dir):
+    from collection.ingest import Behind
+
+    paths = [make_image(images_dir / f"{i}.png", seed=i) for i in range(4)]
+    finished = []
+
+    def start():
+        def call(ids):
+            raise RuntimeError("upkeep broke")
+
+        return call, lambda: finished.append(1)
+
+    behind = Behind(start)
+    with pytest.raises(RuntimeError, match="upkeep broke"):
+        _add(store, small_model, paths, batch_size=2, on_batch=behind)
+    behind.close()
+    assert finished == [1]
+    assert store.db["images"].count == 2  # the first batch; the second waited for its work and got the error

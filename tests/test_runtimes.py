@@ -126,6 +126,25 @@ def test_a_model_falls_back_when_conversion_fails(ir_cache, monkeypatch):
     assert model.keras_model.dtype_policy.name == "mixed_bfloat16"  # TensorFlow applies the precision
 
 
+def test_openvino_computes_at_the_precision_asked_for(ir_cache):
+    """On CPUs with AMX (or avx512_bf16) OpenVINO's own default is bf16: fp32 must stay f32."""
+    f32 = models.get_model("efficientnet_lite0:random", runtime="openvino").load()
+    bf16 = models.get_model("efficientnet_lite0:random", runtime="openvino", precision="bf16").load()
+    assert f32._infer.precision == "f32"
+    assert bf16._infer.precision == "bf16"
+
+
+def test_a_model_falls_back_when_openvino_ignores_the_precision(ir_cache, monkeypatch):
+    monkeypatch.setattr(runtimes, "compiled_precision", lambda compiled: "bf16")
+    said = []
+    model = models.get_model("efficientnet_lite0:random", runtime="openvino").load(echo=said.append)
+    assert model.runtime == "tensorflow" and model.precision == "fp32"
+    assert said == [
+        "OpenVINO compiled efficientnet_lite0:random at bf16, not the f32 asked for: "
+        "running the model with TensorFlow instead."
+    ]
+
+
 def test_openvino_bf16_is_close_to_fp32_but_recorded_apart(ir_cache, tmp_path):
     image = np.asarray(Image.fromarray(sample_photos()["chelsea"]).resize((224, 224)))
     f32 = models.get_model("efficientnet_lite0:random", runtime="openvino").load()
