@@ -122,6 +122,14 @@ def openvino_forward(
         except Exception as e:
             raise RuntimeUnavailable(f"OpenVINO could not convert {model_id} ({type(e).__name__}: {e})") from None
         save(converted, path)
+    return compile_forward(converted, model_id, precision, batch_size)
+
+
+def compile_forward(converted, model_id: str, precision: str, batch_size: int = 16) -> Forward:
+    """An OpenVINO model compiled for the CPU at ``precision``, as a forward function."""
+    import openvino as ov
+
+    core = ov.Core()
     # Streams of one or few threads each, every stream taking a slice of the batch: no
     # thread waits on another, which matters when decoding threads share the cores
     # (pinning off for the same reason). On 2 busy shared cores, batch 16: 17-18
