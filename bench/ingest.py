@@ -197,7 +197,7 @@ def run_add(name: str, runtime: str, precision: str, files: list[Path], batch_si
             upkeep(ids)
             rss.append(current_rss_mb())
 
-        after_batch.wait = upkeep.wait
+        after_batch.wait, after_batch.drain = upkeep.wait, upkeep.drain
         ingester = Ingester(store, model, batch_size=batch_size, on_batch=after_batch)
         start, cpu = time.perf_counter(), time.process_time()
         summary = ingester.add([str(p) for p in files])
@@ -409,11 +409,12 @@ def main() -> None:
     print("batch (its thread's CPU time in `add`), work `add` must also do. vs TF: against TensorFlow at the same precision;")
     print("core-ms vs TF: TensorFlow's model core-ms over this one's (the ceiling's speed-up with both cores busy on it alone).")
     print("core-ms: CPU time of the whole process per image (all threads), which sharing the machine inflates less than images/s.")
+    print("cores busy: images/s x core-ms: how many of the cores the run kept busy (less than all: waiting, or other jobs' share).")
     print("Agreement against TensorFlow fp32 on every file (real weights; Inception v3 has random ones, so speed only).\n")
-    print("| model | runtime | precision | ceiling images/s | ceiling vs TF | model core-ms | core-ms vs TF | decode core-ms "
-          "| upkeep core-ms | bound images/s | bound+upkeep | add images/s | add core-ms | add vs TF | add / bound "
-          "| add / bound+upkeep | top-1 | 10-NN | min cos | peak RSS MB |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| model | runtime | precision | ceiling images/s | ceiling vs TF | model core-ms | core-ms vs TF | ceiling cores busy "
+          "| decode core-ms | upkeep core-ms | bound images/s | bound+upkeep | add images/s | add core-ms | add cores busy | add vs TF "
+          "| add / bound | add / bound+upkeep | top-1 | 10-NN | min cos | peak RSS MB |")
+    print("| --- | --- | --- |" + " ---: |" * 19)
     for name, loop, agreement, results, int8 in rows:
         decode = results[("decode",)]["decode_core_ms"]
         for runtime, precision in configs:
@@ -431,24 +432,24 @@ def main() -> None:
             )
             print(
                 f"| {name} | {runtime} | {precision} | {ceiling['rate']:.1f} (batch {ceiling['batch']}) | {vs_tf} "
-                f"| {decode:.1f} | {upkeep:.1f} | {bound:.1f} | {bound_upkeep:.1f} "
-                f"| {add['rate']:.1f} ({add['workers']} decode threads) | {add['add_core_ms']:.1f} "
+                f"| {ceiling['rate'] * ceiling['model_core_ms'] / 1000:.2f} | {decode:.1f} | {upkeep:.1f} | {bound:.1f} | {bound_upkeep:.1f} "
+                f"| {add['rate']:.1f} ({add['workers']} decode threads) | {add['add_core_ms']:.1f} | {add['rate'] * add['add_core_ms'] / 1000:.2f} "
                 f"| {add['rate'] / tf_add['rate'] if tf_add else float('nan'):.2f} | {add['rate'] / bound:.2f} "
                 f"| {add['rate'] / bound_upkeep:.2f} | {agree} | {max(ceiling['peak_rss_mb'], add['peak_rss_mb']):.0f} |"
             )
         for config, a in agreement.items():  # precisions checked for agreement but not timed
             if tuple(config.split(" ")) not in configs:
-                print(f"| {name} | {config.replace(' ', ' | ')} | | | | | | | | | | | | | | {a['top1']:.3f} | {a['overlap']:.3f} | {a['min_cos']:.5f} | |")
+                print(f"| {name} | {config.replace(' ', ' | ')} | | | | | | | | | | | | | | | | {a['top1']:.3f} | {a['overlap']:.3f} | {a['min_cos']:.5f} | |")
         if int8:
             tf_ceiling = results.get(("ceiling", "tensorflow", "fp32"))
             ratio = f"{tf_ceiling['model_core_ms'] / int8['model_core_ms']:.2f}" if tf_ceiling else ""
             print(
                 f"| {name} | openvino (NNCF {int8['nncf']}, bench only) | int8 | {int8['rate']:.1f} (batch {int8['batch']}) | "
-                f"| {int8['model_core_ms']:.1f} | {ratio} | | | | | | | | | | {int8['top1']:.3f} | {int8['overlap']:.3f} "
+                f"| {int8['model_core_ms']:.1f} | {ratio} | {int8['rate'] * int8['model_core_ms'] / 1000:.2f} | | | | | | | | | | | {int8['top1']:.3f} | {int8['overlap']:.3f} "
                 f"| {int8['min_cos']:.5f} | {int8['peak_rss_mb']:.0f} |"
             )
         if loop:
-            print(f"| {name} | 2017 loop (batch 1, two passes) | fp32 | | | | | | | | | {loop['rate']:.2f} | | | | | | | | {loop['peak_rss_mb']:.0f} |")
+            print(f"| {name} | 2017 loop (batch 1, two passes) | fp32 | | | | | | | | | | {loop['rate']:.2f} | | | | | | | | | {loop['peak_rss_mb']:.0f} |")
     for name, _, _, _, int8 in rows:
         if int8:
             print(f"\n{name} int8: calibrated on the {args.count // 2} even-numbered files; on the odd-numbered ones alone, "

@@ -150,34 +150,49 @@ def decode_workers(model: Model) -> int:
     if model.accelerated:
         return min(4, cores)
     if model.runtime == OPENVINO:
-        # OpenVINO needs a fraction of decoding's core-seconds per image (bench/ingest.py:
-        # about 10 core-ms against 20-45), so decoding is the limit: a thread per core,
-        # the model's short passes interleaving with them.
+        # OpenVINO needs less than decoding's core-seconds per image (bench/ingest.py,
+        # EfficientNet-Lite0 on 2 cores: 6.5 core-ms against 11.4 at fp32), so decoding
+        # is the limit: a thread per core, the model's short passes interleaving with them.
         return cores
     return max(1, cores // 4)
 
 
 class Behind:
-    """``on_batch`` work on one thread of its own, so that it overlaps the next batch's
-    decoding and model call instead of following them (on 2 cores the upkeep after a
-    batch cost about a third of `collection add`'s wall-clock time run inline).
+    """``on_batch`` work on one thread of its own, so that it overlaps the next batches'
+    decoding and model calls instead of following them, and on several batches at once.
 
-    ``start`` runs on that thread and returns the callable for each batch's ids and one
-    to call at the end: whatever SQLite connection they use is opened there, the only
-    thread that uses it. Calls run one at a time, in order, and the Ingester waits for
-    the one in flight before it commits its next batch and before ``add`` returns, so
-    each call finds the database exactly as it would have inline: same results.
-    An error in a call is raised on the calling thread at that wait."""
+    ``start`` runs on that thread and returns the callable for a list of written ids and
+    one to call at the end: whatever SQLite connection they use is opened there, the only
+    thread that uses it. Ids gather until there are ``at_least`` of them, then one call
+    takes them all: the upkeep after a batch (matches, duplicates) costs less per image
+    in larger calls (bench/ingest.py's corpus, EfficientNet-Lite0: 8.1 core-ms per image
+    in calls of 16, 3.7 in calls of 64), and all that `collection add` promises is that
+    everything is current when it returns. Calls run one at a time, in order, and the
+    Ingester waits for the one in flight before it commits its next batch and, after
+    a last call with what is left, before ``add`` returns: each call finds the database
+    as an inline call after the same batch would, so the results are the same (the
+    upkeep's results do not depend on how batches are grouped). An error in a call is
+    raised on the calling thread at that wait."""
 
-    def __init__(self, start: Callable[[], tuple[Callable[[list[int]], None], Callable[[], None]]]):
+    def __init__(
+        self, start: Callable[[], tuple[Callable[[list[int]], None], Callable[[], None]]], at_least: int = 1
+    ):
+        self.at_least = at_least
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="after-batch")
         self._call, self._finish = self._thread.submit(start).result()
+        self._gathered: list[int] = []
         self._pending: Future | None = None
         self.core_seconds = 0.0  # CPU time of the calls, on their thread
 
     def __call__(self, ids: list[int]) -> None:
+        self._gathered.extend(ids)
+        if len(self._gathered) >= self.at_least:
+            self._submit()
+
+    def _submit(self) -> None:
         self.wait()
-        self._pending = self._thread.submit(self._timed, ids)
+        gathered, self._gathered = self._gathered, []
+        self._pending = self._thread.submit(self._timed, gathered)
 
     def _timed(self, ids: list[int]) -> None:
         started = time.thread_time()
@@ -192,9 +207,15 @@ class Behind:
         if pending is not None:
             pending.result()
 
+    def drain(self) -> None:
+        """One call with the ids gathered so far, if any, and wait for it."""
+        if self._gathered:
+            self._submit()
+        self.wait()
+
     def close(self) -> None:
         try:
-            self.wait()
+            self.drain()
         finally:
             try:
                 self._thread.submit(self._finish).result()
@@ -202,8 +223,9 @@ class Behind:
                 self._thread.shutdown()
 
 
-def upkeep_behind(db_path: str | Path, refresh_map: bool = False) -> Behind:
-    """The upkeep after each batch (upkeep.py) on a connection and a thread of its own."""
+def upkeep_behind(db_path: str | Path, refresh_map: bool = False, at_least: int = 64) -> Behind:
+    """The upkeep after each batch (upkeep.py) on a connection and a thread of its own,
+    on at least ``at_least`` images a call."""
     from .upkeep import Upkeep
 
     def start():
@@ -218,7 +240,7 @@ def upkeep_behind(db_path: str | Path, refresh_map: bool = False) -> Behind:
 
         return upkeep.after_batch, finish
 
-    return Behind(start)
+    return Behind(start, at_least)
 
 
 def _chunks(items: Iterable, size: int) -> Iterator[list]:
@@ -284,12 +306,13 @@ class Ingester:
             # replaced): decoded this time, now that its hash is no longer "known".
             again, self._again = self._again, []
             self._add_reads((r for p in again if (r := self._triage(p, summary))), summary, None)
-        self._after_previous_batch(summary)
+        self._after_previous_batch(summary, last=True)
         return summary
 
-    def _after_previous_batch(self, summary: Summary) -> None:
-        """Wait for ``on_batch`` work still running behind (``Behind``)."""
-        wait = getattr(self.on_batch, "wait", None)
+    def _after_previous_batch(self, summary: Summary, last: bool = False) -> None:
+        """Wait for ``on_batch`` work still running behind (``Behind``); the last time,
+        for the work on what it has not yet been given too."""
+        wait = getattr(self.on_batch, "drain" if last else "wait", None)
         if wait is not None:
             with summary.timing("after batch"):
                 wait()

@@ -37,11 +37,13 @@ _INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 # `bench/ingest.py --count 200` on 200 files made from the real photos, with the real
 # EfficientNet-Lite0 weights: (top-1 label agreement, mean overlap of the 10 nearest
 # neighbours, lowest cosine between the two vectors of one image). README: Runtimes.
+# The same to the third decimal on an AMD EPYC (avx512_bf16) and an Intel Xeon with AMX;
+# these are the Xeon's. int8 (NNCF, bench only) gave 0.925 / 0.970 / 0.933: not offered.
 AGREEMENT: dict[tuple[str, str], tuple[float, float, float]] = {
     (TENSORFLOW, "fp32"): (1.0, 1.0, 1.0),
     (OPENVINO, "fp32"): (1.0, 1.0, 0.99999),
-    (TENSORFLOW, "bf16"): (0.985, 0.988, 0.99628),
-    (OPENVINO, "bf16"): (0.970, 0.990, 0.99174),
+    (TENSORFLOW, "bf16"): (0.985, 0.989, 0.99632),
+    (OPENVINO, "bf16"): (0.970, 0.990, 0.99185),
 }
 # Below either bar a precision may be chosen, never be the default.
 DEFAULT_BARS = (0.99, 0.95)  # top-1 agreement, 10-NN overlap

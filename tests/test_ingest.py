@@ -262,9 +262,11 @@ def _upkept(db) -> list:
     return rows
 
 
-def test_upkeep_behind_leaves_what_upkeep_inline_leaves(tmp_path, small_model):
-    """Matches and duplicate groups are the same whether the upkeep after each batch runs
-    inline or on its own thread while the next batch is embedded."""
+@pytest.mark.parametrize("at_least", [6, 64])
+def test_upkeep_behind_leaves_what_upkeep_inline_leaves(tmp_path, small_model, at_least):
+    """Matches and duplicate groups are the same whether the upkeep runs inline after each
+    batch or on its own thread while the next batches are embedded, two batches a call
+    or all at the end."""
     from collection.ingest import upkeep_behind
     from collection.upkeep import Upkeep
 
@@ -276,7 +278,7 @@ def test_upkeep_behind_leaves_what_upkeep_inline_leaves(tmp_path, small_model):
     first = _add(inline, small_model, paths, batch_size=4, on_batch=upkeep.after_batch)
     upkeep.join()
     behind = Store(tmp_path / "behind.db")
-    upkeep = upkeep_behind(behind.path)
+    upkeep = upkeep_behind(behind.path, at_least=at_least)
     second = _add(behind, small_model, paths, batch_size=4, on_batch=upkeep)
     upkeep.close()
     assert first.line() == second.line() and first.added == len(paths)
@@ -310,6 +312,24 @@ def test_work_behind_sees_its_batch_committed_and_not_the_next(store, small_mode
     behind.close()
     assert summary.added == 7 and finished == [None]
     assert seen == [(False, 3, 3), (False, 3, 6), (False, 1, 7)]
+
+
+def test_work_behind_takes_several_batches_at_once(store, small_model, images_dir):
+    from collection.ingest import Behind
+
+    paths = [make_image(images_dir / f"{i}.png", seed=i) for i in range(7)]
+    seen = []
+
+    def start():
+        own = Store(store.path)
+        return lambda ids: seen.append((ids, own.db.execute("select count(*) from images").fetchone()[0])), own.close
+
+    behind = Behind(start, at_least=5)
+    _add(store, small_model, paths, batch_size=3, on_batch=behind)
+    # The first two batches in one call once they were committed; what was left when add ended.
+    assert [(len(ids), count) for ids, count in seen] == [(6, 6), (1, 7)]
+    assert sorted(i for ids, _ in seen for i in ids) == [r[0] for r in store.db.execute("select id from images order by id")]
+    behind.close()
 
 
 def test_an_error_behind_is_raised_by_add(store, small_model, images_dir):
