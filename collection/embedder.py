@@ -141,7 +141,7 @@ def check_box(box) -> tuple[float, float, float, float] | None:
 
 # --- the caller's side: no model, no TensorFlow ----------------------------------------------
 
-_worker: subprocess.Popen | None = None  # the worker this process started, reaped once it exits
+_workers: dict[Path, subprocess.Popen] = {}  # by socket: the workers this process started
 
 
 def embed(
@@ -249,20 +249,17 @@ def _read_header(reader) -> dict | None:
 def _start_worker(db_path, path: Path, deadline: float) -> None:
     """Start ``python -m collection.embedder`` (unless ours still runs) and wait until
     something answers on ``path``: it, or a daemon or worker that won the channel."""
-    global _worker
-    if _worker is not None and _worker.poll() is not None:
-        _worker = None  # exited (idle): reaped
-    if _worker is None:
+    worker = _workers.get(path)
+    if worker is None or worker.poll() is not None:  # never started, or exited (idle) and now reaped
         log = tempfile.TemporaryFile()
-        _worker = subprocess.Popen(
+        worker = _workers[path] = subprocess.Popen(
             [sys.executable, "-m", "collection.embedder", "--db", os.fspath(db_path)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=log,
             start_new_session=True,  # a Ctrl-C meant for the caller does not cut a request short
         )
-        _worker.log = log
-    worker = _worker
+        worker.log = log
     while True:
         if ping_path(path, deadline):
             return
@@ -270,7 +267,7 @@ def _start_worker(db_path, path: Path, deadline: float) -> None:
         if code:  # it failed; 0 means another server won the channel: wait for that one
             worker.log.seek(0)
             lines = [line for line in worker.log.read().decode(errors="replace").splitlines() if line.strip()]
-            _worker = None
+            del _workers[path]
             why = lines[-1].removeprefix("Error: ") if lines else f"exit code {code}"
             raise EmbedError(503, f"the embedding worker failed: {why}")
         if time.monotonic() > deadline:
