@@ -367,13 +367,18 @@ def watch(folder, **options):
     First adds what is new or changed and marks deleted what has gone, then adds
     each image dropped in within seconds, once it is completely written. Renamed
     and moved files keep their id and run no model. Hidden files, partial
-    downloads and editors' temporary files are left alone.
+    downloads and editors' temporary files are left alone. Meanwhile its model
+    also answers searches by an image (`collection similar FILE`, the browser's
+    upload search) over a socket next to the database that only you can reach.
     """
     from .embedder import serving
-    from .watcher import run_until_stopped
+    from .watcher import StatusLine, run_until_stopped
 
-    watcher, status = _watcher(folder, **options)
-    with serving(options["db_path"], watcher.model, echo=status.say):
+    status = StatusLine()
+    # The image-search channel is claimed before the model loads: a search meanwhile waits for it.
+    with serving(options["db_path"], echo=status.say) as channel:
+        watcher, status = _watcher(folder, status=status, **options)
+        channel.model = watcher.model
         run_until_stopped(watcher)
     status.close()
 
@@ -417,14 +422,15 @@ def start(folder, host, port, **options):
         # Relayed from the first byte, before the model loads: a pipe left unread fills
         # and stalls the server. Its lines go above the status line, not through it.
         threading.Thread(target=_relay, args=(server.stdout, status.say), daemon=True).start()
-        watcher, status = _watcher(folder, status=status, **options)
-        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        click.echo(
-            f"Open http://{shown}:{port}/ to browse the collection; "
-            f"drop images into {watcher.root} (Ctrl-C stops both)",
-            err=True,
-        )
-        with serving(db_path, watcher.model, echo=status.say):
+        with serving(db_path, echo=status.say) as channel:
+            watcher, status = _watcher(folder, status=status, **options)
+            channel.model = watcher.model
+            shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+            click.echo(
+                f"Open http://{shown}:{port}/ to browse the collection; "
+                f"drop images into {watcher.root} (Ctrl-C stops both)",
+                err=True,
+            )
             run_until_stopped(watcher, alive=lambda: server.poll() is None)
         status.close()
     finally:

@@ -62,7 +62,9 @@ READ_TIMEOUT = 30.0  # seconds a client may take to send its request
 CLIENTS = 8  # connections answered at once; more are told the server is busy
 MIN_REGION = 8  # pixels a box must span on each side, in the image as stored
 SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with its terminating zero
-START_TIMEOUT = 120.0  # seconds a worker may take to load the model
+MODEL_WAIT = 120.0  # seconds a request waits for a model still loading
+RETRY_CLAIM = 10.0  # seconds between a daemon's tries at a channel another daemon holds
+FAILED_LINGER = 3.0  # seconds a worker that could not load its model tells callers why
 
 
 class EmbedError(Exception):
@@ -261,7 +263,7 @@ def _start_worker(db_path, path: Path, deadline: float) -> None:
         )
         worker.log = log
     while True:
-        if ping_path(path, deadline):
+        if _ping_path(path, deadline):
             return
         code = worker.poll()
         if code:  # it failed; 0 means another server won the channel: wait for that one
@@ -275,7 +277,7 @@ def _start_worker(db_path, path: Path, deadline: float) -> None:
         time.sleep(0.1)
 
 
-def ping_path(path: Path, deadline: float) -> dict | None:
+def _ping_path(path: Path, deadline: float) -> dict | None:
     try:
         answer, _ = _ask(path, {"op": "ping"}, b"", min(deadline, time.monotonic() + 2.0))
         return answer
@@ -319,18 +321,25 @@ def compute(model, data: bytes, box=None, *, via: str = "in-process", max_pixels
 
 
 class EmbedServer:
-    """Answers embedding requests on the collection's socket, a thread per connection."""
+    """Answers embedding requests on the collection's socket, a thread per connection.
+
+    The socket can be bound before the model is there (``model`` set later): a request
+    meanwhile waits for it, so a caller never starts a second model while one loads.
+    """
 
     def __init__(self, db_path, model=None, *, via: str = "daemon", echo: Callable[[str], None] | None = None,
                  max_bytes: int = files.MAX_BYTES, max_pixels: int = files.MAX_PIXELS):
         self.db_path = db_path
-        self.model = model  # one forward pass at a time: see models.Serialised
         self.via = via
         self.echo = echo or (lambda line: print(line, file=sys.stderr))
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
         self.path = socket_path(db_path)
         self.last_active = time.monotonic()
+        self._ready = threading.Event()  # set once there is a model, or a reason there is none
+        self._failure: str | None = None
+        self._model = None
+        self.model = model
         self._lock_fd: int | None = None
         self._listener: socket.socket | None = None
         self._stopping = threading.Event()
@@ -345,52 +354,65 @@ class EmbedServer:
 
     @model.setter
     def model(self, model) -> None:
+        """The model to answer with (made a models.Serialised: one forward pass at a time)."""
         from .models import serialised
 
-        self._model = None if model is None else serialised(model)
+        if model is not None:
+            self._model = serialised(model)
+            self._ready.set()
+
+    def fail(self, message: str) -> None:
+        """No model will come: requests are answered 503 with ``message``."""
+        self._failure = message
+        self._ready.set()
+
+    @property
+    def serving(self) -> bool:
+        return self._listener is not None
 
     # --- owning the channel ---------------------------------------------------------------
 
-    def claim(self, take_over: bool = False, wait: float = 30.0) -> bool:
-        """Hold the channel's lock; False when another server holds it (and, with
-        ``take_over``, is not a worker that steps aside within ``wait`` seconds)."""
+    def start(self, take_over: bool = False, wait: float = 30.0) -> bool:
+        """Claim the channel, bind the socket (0600) and answer in a thread. False when
+        another server holds the channel (with ``take_over``: unless it is a worker,
+        which is asked to quit and given ``wait`` seconds to)."""
+        if self._lock_fd is None and not self._claim(take_over, wait):
+            return False
+        self._bind()
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._accept, name="embed-server", daemon=True)
+        self._thread.start()
+        return True
+
+    def _claim(self, take_over: bool, wait: float) -> bool:
         lock_path = self.path.with_name(self.path.name.removesuffix(".sock") + ".lock")
         with _umask(0o177):
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         if _try_lock(fd):
             self._lock_fd = fd
             return True
-        if take_over:
-            holder = ping_path(self.path, time.monotonic() + 5.0)
-            if holder and holder.get("via") == "worker":
-                ping_path_quit(self.path)
-                deadline = time.monotonic() + wait
-                while time.monotonic() < deadline:
-                    if _try_lock(fd):
-                        self.echo(f"Took over answering image searches from worker pid {holder.get('pid')}")
-                        self._lock_fd = fd
-                        return True
-                    time.sleep(0.1)
+        holder = _ping_path(self.path, time.monotonic() + 5.0) if take_over else None
+        if holder and holder.get("via") == "worker":
+            _ask_to_quit(self.path)
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                if _try_lock(fd):
+                    self.echo(f"Took over answering image searches from worker pid {holder.get('pid')}")
+                    self._lock_fd = fd
+                    return True
+                time.sleep(0.1)
         os.close(fd)
         return False
-
-    def start(self, take_over: bool = False) -> bool:
-        """Claim the channel (unless claimed), bind the socket (0600) and answer in a thread."""
-        if self._lock_fd is None and not self.claim(take_over):
-            return False
-        self._bind()
-        self._thread = threading.Thread(target=self._accept, name="embed-server", daemon=True)
-        self._thread.start()
-        return True
 
     def _bind(self) -> None:
         try:
             st = os.lstat(self.path)
         except FileNotFoundError:
             pass
-        else:  # we hold the lock, so whoever made it has gone: stale
+        else:  # the lock is ours, so whoever made this file has gone: stale
             if not stat.S_ISSOCK(st.st_mode):
-                self.release()
+                os.close(self._lock_fd)
+                self._lock_fd = None
                 raise EmbedError(503, f"{self.path} exists and is not a socket: move it away")
             os.unlink(self.path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -401,13 +423,19 @@ class EmbedServer:
         self._listener = listener
 
     def stop(self) -> None:
-        """Stop accepting, remove the socket and release the channel."""
+        """Stop accepting, remove the socket, answer any waiting request, release the channel."""
         self._stopping.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
-        self.release()
+        self._close_listener()
+        if not self._ready.is_set():
+            self.fail("the embedding server stopped before its model was loaded")
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # the lock goes with the descriptor
+            self._lock_fd = None
 
-    def release(self) -> None:
+    def _close_listener(self) -> None:
+        """Closed at once when accepting ends: a connect is refused, not left in the backlog."""
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -415,9 +443,6 @@ class EmbedServer:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # the lock goes with the descriptor
-            self._lock_fd = None
 
     def serve_until_idle(self, idle: float) -> None:
         """Block until no request came for ``idle`` seconds (or a quit), then stop."""
@@ -431,24 +456,27 @@ class EmbedServer:
     # --- answering --------------------------------------------------------------------------
 
     def _accept(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except socket.timeout:
-                continue
-            except OSError as e:
-                if self._stopping.is_set():
-                    return
-                self.echo(f"image search channel: accept failed: {e}")
-                time.sleep(0.5)
-                continue
-            if not self._clients.acquire(blocking=False):
-                _send_quietly(conn, _error(503, "the embedding server is busy: try again in a moment"))
-                conn.close()
-                continue
-            with self._busy_lock:
-                self._busy += 1
-            threading.Thread(target=self._serve, args=(conn,), name="embed-request", daemon=True).start()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    conn, _ = self._listener.accept()
+                except socket.timeout:
+                    continue
+                except OSError as e:
+                    if self._stopping.is_set():
+                        return
+                    self.echo(f"image search channel: accept failed: {e}")
+                    time.sleep(0.5)
+                    continue
+                if not self._clients.acquire(blocking=False):
+                    _send_quietly(conn, _error(503, "the embedding server is busy: try again in a moment"))
+                    conn.close()
+                    continue
+                with self._busy_lock:
+                    self._busy += 1
+                threading.Thread(target=self._serve, args=(conn,), name="embed-request", daemon=True).start()
+        finally:
+            self._close_listener()
 
     def _serve(self, conn: socket.socket) -> None:
         try:
@@ -473,7 +501,7 @@ class EmbedServer:
             request = _read_header(reader)
         except (ValueError, UnicodeDecodeError):
             return _error(400, "malformed request header")
-        except (socket.timeout, OSError):
+        except OSError:  # timed out or gone
             return None
         if request is None:
             return None
@@ -489,16 +517,20 @@ class EmbedServer:
         if op != "embed":
             return _error(400, f"unknown op {op!r}")
         size = request.get("size")
-        if not isinstance(size, int) or size < 0:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             return _error(400, "size must be a whole number of bytes")
         if size > self.max_bytes:
             return _error(413, f"{size:,} bytes, over the limit of {self.max_bytes:,} bytes")
         try:
             data = reader.read(size)
-        except (socket.timeout, OSError):
+        except OSError:
             return None
         if len(data) != size:
             return _error(400, f"the request was cut short: {len(data):,} of {size:,} bytes")
+        if not self._ready.wait(MODEL_WAIT):
+            return _error(503, "the model is still loading: try again in a moment")
+        if self._failure:
+            return _error(503, self._failure)
         try:
             embedding = compute(self.model, data, request.get("box"), via=self.via, max_pixels=self.max_pixels)
         except EmbedError as e:
@@ -509,7 +541,7 @@ class EmbedServer:
         return _line(head) + vector.tobytes()
 
 
-def ping_path_quit(path: Path) -> None:
+def _ask_to_quit(path: Path) -> None:
     try:
         _ask(path, {"op": "quit"}, b"", time.monotonic() + 5.0)
     except EmbedError:
@@ -560,25 +592,46 @@ def _umask(mask: int):
 
 
 @contextmanager
-def serving(db_path, model, echo: Callable[[str], None] | None = None):
-    """For the watcher daemon: answer image searches with ``model`` (a models.Serialised
-    its ingest shares) while the block runs, taking over from a worker; when another
-    daemon answers already, say so and go on."""
-    server = EmbedServer(db_path, model, via="daemon", echo=echo)
+def serving(db_path, echo: Callable[[str], None] | None = None):
+    """For the watcher daemon: the channel, for as long as the block runs. Claimed at
+    once when free, before the model loads (a request waits for the model instead of
+    starting a worker); set ``.model`` once it is loaded. A worker holding the channel
+    is asked to step aside once the daemon's model is there; while another daemon holds
+    it, it is tried again every RETRY_CLAIM seconds."""
+    server = EmbedServer(db_path, via="daemon", echo=echo)
+    stopping = threading.Event()
+
+    def claim_later() -> None:
+        said = False
+        while not stopping.is_set():
+            if server.model is not None:
+                try:
+                    if server.start(take_over=True):
+                        return
+                except (OSError, EmbedError) as e:
+                    server.echo(f"image search by upload is off: {getattr(e, 'message', e)}")
+                    return
+                holder = ping(db_path)
+                if holder and holder.get("via") == "daemon" and not said:
+                    server.echo(f"another daemon (pid {holder.get('pid')}) answers image searches "
+                                "for this collection; this one takes over when it stops")
+                    said = True
+            stopping.wait(RETRY_CLAIM if server.model is not None else 0.25)
+
+    claimer = None
     try:
-        started = server.start(take_over=True)
+        if not server.start():
+            claimer = threading.Thread(target=claim_later, name="embed-claim", daemon=True)
+            claimer.start()
     except (OSError, EmbedError) as e:
         server.echo(f"image search by upload is off: {getattr(e, 'message', e)}")
-        started = False
-    else:
-        holder = None if started else ping(db_path)
-        if holder:
-            server.echo(f"another {holder.get('via')} (pid {holder.get('pid')}) answers image searches for this collection")
     try:
-        yield server if started else None
+        yield server
     finally:
-        if started:
-            server.stop()
+        stopping.set()
+        if claimer is not None:
+            claimer.join()
+        server.stop()
 
 
 # --- the worker process ------------------------------------------------------------------
@@ -592,14 +645,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     idle = args.idle if args.idle is not None else idle_seconds()
     server = EmbedServer(args.db, via="worker")
-    if not server.claim():
-        return 0  # another server answers
+    try:
+        if not server.start():
+            return 0  # another server answers
+    except (OSError, EmbedError) as e:
+        print(f"Error: {getattr(e, 'message', e)}", file=sys.stderr)
+        return 3
     try:
         server.model = _load_model(args.db)
-        server.start()
     except Exception as e:
-        server.release()
-        print(f"Error: {getattr(e, 'message', None) or e}", file=sys.stderr)
+        message = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+        print(f"Error: {message}", file=sys.stderr)
+        server.fail(f"the embedding worker failed: {message}")
+        server.serve_until_idle(FAILED_LINGER)  # long enough for the callers waiting to hear why
         return 3
     server.serve_until_idle(idle)
     return 0

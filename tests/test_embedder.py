@@ -289,20 +289,40 @@ def test_a_daemon_takes_over_from_a_worker(small_collection, small_model):
     idle = threading.Thread(target=worker.serve_until_idle, args=(600,))
     idle.start()
     try:
-        with serving(db_path, small_model, echo=lambda line: None) as server:
-            assert server is not None
-            idle.join(30)
+        with serving(db_path, echo=lambda line: None) as daemon:
+            assert not daemon.serving  # the worker answers while the daemon's model loads
+            assert ping(db_path)["via"] == "worker"
+            daemon.model = small_model
+            idle.join(60)
             assert not idle.is_alive()  # the worker quit when asked
+            wait_until(lambda: daemon.serving, 30, message="the daemon to take over")
             assert ping(db_path)["via"] == "daemon"
             assert embed(db_path, (folder / "0.png").read_bytes(), start_worker=False).via == "daemon"
             messages = []
-            with serving(db_path, small_model, echo=messages.append) as second:
-                assert second is None  # a second daemon leaves the channel to the first
+            with serving(db_path, echo=messages.append) as second:
+                second.model = small_model
+                wait_until(lambda: messages, 30, message="a word from the second daemon")
+                assert not second.serving  # it leaves the channel to the first
             assert "another daemon" in messages[0]
     finally:
         worker.stop()
         idle.join(30)
     assert ping(db_path) is None
+
+
+def test_a_request_waits_for_the_model_while_it_loads(small_collection, small_model):
+    store, db_path, folder = small_collection
+    with serving(db_path) as daemon:
+        assert daemon.serving and ping(db_path)["model"] is None
+        threading.Timer(1.0, lambda: setattr(daemon, "model", small_model)).start()
+        embedding = embed(db_path, (folder / "1.png").read_bytes(), start_worker=False)
+        assert embedding.via == "daemon"
+        assert float(embedding.vector @ stored(store, "1.png")[0]) >= 0.9999
+    with serving(db_path) as daemon:
+        threading.Timer(1.0, daemon.stop).start()  # e.g. the model failed to load
+        with pytest.raises(EmbedError) as stopped:
+            embed(db_path, (folder / "1.png").read_bytes(), start_worker=False)
+        assert stopped.value.status == 503 and "before its model was loaded" in stopped.value.message
 
 
 def test_compute_is_the_same_path_in_process(small_collection, small_model):
