@@ -5,12 +5,14 @@ Unix socket next to the database (``socket_path``) to the process that has the
 collection's model loaded, and gets back the vector and top labels.
 
 Who answers: the watcher daemon (`collection watch` / `collection start`) serves the
-channel with the model it ingests with. When none runs, ``embed()`` starts a worker,
-``python -m collection.embedder --db DB``, which loads the same model, answers, and
-exits after ``COLLECTION_EMBED_IDLE`` seconds (600) without a request. One server at
-a time: the one holding an exclusive lock on ``<socket>.lock`` serves (a process that
-dies drops its lock, so its socket file is known stale and is replaced). A daemon
-that starts while a worker serves asks the worker to quit and takes over.
+channel with the model it ingests with; it claims the channel before its model loads
+(a request meanwhile waits for the model). When none runs, ``embed()`` starts a
+worker, ``python -m collection.embedder --db DB``, which loads the same model,
+answers, and exits after ``COLLECTION_EMBED_IDLE`` seconds (600) without a request.
+One server at a time: the one holding an exclusive lock on ``<db>.embed.lock``
+serves (a process that dies drops its lock, so its socket file is known stale and
+is replaced). A daemon whose model is loaded asks a worker holding the channel to
+quit, and takes over.
 
 Only the user's processes reach the channel: the socket is created with mode 0600
 (umask set around bind) and a peer of another user is hung up on (SO_PEERCRED).
@@ -128,6 +130,8 @@ def check_box(box) -> tuple[float, float, float, float] | None:
     """``box`` as (left, top, right, bottom) fractions of the image, or EmbedError(400)."""
     if box is None:
         return None
+    if isinstance(box, (str, bytes)):
+        raise EmbedError(400, "a region is four numbers: left, top, right, bottom (fractions 0 to 1)")
     try:
         left, top, right, bottom = (float(v) for v in box)
     except (TypeError, ValueError):
@@ -135,15 +139,15 @@ def check_box(box) -> tuple[float, float, float, float] | None:
     if not all(math.isfinite(v) for v in (left, top, right, bottom)):
         raise EmbedError(400, "a region's edges must be finite numbers")
     if not (0 <= left < right <= 1 and 0 <= top < bottom <= 1):
-        raise EmbedError(
-            400, f"a region needs 0 <= left < right <= 1 and 0 <= top < bottom <= 1, not {left:g}, {top:g}, {right:g}, {bottom:g}"
-        )
+        edges = ", ".join(f"{v:g}" for v in (left, top, right, bottom))
+        raise EmbedError(400, f"a region needs 0 <= left < right <= 1 and 0 <= top < bottom <= 1, not {edges}")
     return left, top, right, bottom
 
 
 # --- the caller's side: no model, no TensorFlow ----------------------------------------------
 
 _workers: dict[Path, subprocess.Popen] = {}  # by socket: the workers this process started
+_workers_lock = threading.Lock()  # callers on several threads start one worker, not several
 
 
 def embed(
@@ -192,14 +196,16 @@ def ping(db_path: str | os.PathLike, timeout: float = 2.0) -> dict | None:
 
 
 def _embedding(answer: dict, payload: bytes) -> Embedding:
-    vector = np.frombuffer(payload, "<f4").astype(np.float32)
-    return Embedding(
-        vector=vector,
-        labels=[(str(label), float(score)) for label, score in answer["labels"]],
-        model=answer["model"],
-        seconds=float(answer["seconds"]),
-        via=answer["via"],
-    )
+    try:
+        return Embedding(
+            vector=np.frombuffer(payload, "<f4").astype(np.float32),
+            labels=[(str(label), float(score)) for label, score in answer["labels"]],
+            model=str(answer["model"]),
+            seconds=float(answer["seconds"]),
+            via=str(answer["via"]),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise EmbedError(503, f"the embedding server's answer was unreadable: {e!r}") from None
 
 
 def _ask(path: Path, header: dict, data: bytes, deadline: float) -> tuple[dict, bytes]:
@@ -251,17 +257,18 @@ def _read_header(reader) -> dict | None:
 def _start_worker(db_path, path: Path, deadline: float) -> None:
     """Start ``python -m collection.embedder`` (unless ours still runs) and wait until
     something answers on ``path``: it, or a daemon or worker that won the channel."""
-    worker = _workers.get(path)
-    if worker is None or worker.poll() is not None:  # never started, or exited (idle) and now reaped
-        log = tempfile.TemporaryFile()
-        worker = _workers[path] = subprocess.Popen(
-            [sys.executable, "-m", "collection.embedder", "--db", os.fspath(db_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-            start_new_session=True,  # a Ctrl-C meant for the caller does not cut a request short
-        )
-        worker.log = log
+    with _workers_lock:
+        worker = _workers.get(path)
+        if worker is None or worker.poll() is not None:  # never started, or exited (idle) and now reaped
+            log = tempfile.TemporaryFile()  # unnamed: read only if it fails before answering
+            worker = _workers[path] = subprocess.Popen(
+                [sys.executable, "-m", "collection.embedder", "--db", os.fspath(db_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                start_new_session=True,  # a Ctrl-C meant for the caller does not cut a request short
+            )
+            worker.log = log
     while True:
         if _ping_path(path, deadline):
             return
@@ -269,7 +276,7 @@ def _start_worker(db_path, path: Path, deadline: float) -> None:
         if code:  # it failed; 0 means another server won the channel: wait for that one
             worker.log.seek(0)
             lines = [line for line in worker.log.read().decode(errors="replace").splitlines() if line.strip()]
-            del _workers[path]
+            _workers.pop(path, None)
             why = lines[-1].removeprefix("Error: ") if lines else f"exit code {code}"
             raise EmbedError(503, f"the embedding worker failed: {why}")
         if time.monotonic() > deadline:

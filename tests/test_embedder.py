@@ -22,7 +22,7 @@ from collection.ingest import Ingester
 from collection.models import get_model
 from collection.store import Store
 from conftest import make_image, sample_photos, wait_until
-from hostile import png_claiming
+from hostile import jpeg_claiming, png_claiming
 
 PHOTOS = ("chelsea", "coffee", "rocket", "china")
 RANDOM_MODEL = "efficientnet_lite0:random"
@@ -135,6 +135,7 @@ def test_hostile_uploads_get_a_status_and_a_reason_and_the_daemon_goes_on(collec
     cases = [
         (b"%PDF-1.4 not an image at all" * 10, None, 415, "not an image"),
         (png_claiming(100_000, 100_000), None, 422, "decompression bomb"),
+        (jpeg_claiming(whole, 15_000, 10_000), None, 422, "decompression bomb"),  # over our limit, not Pillow's
         (whole[: len(whole) // 2], None, 422, "truncated"),
         (b"", None, 422, "empty"),
         (good, (0.5, 0.0, 0.4, 1.0), 400, "left < right"),
@@ -142,6 +143,7 @@ def test_hostile_uploads_get_a_status_and_a_reason_and_the_daemon_goes_on(collec
         (good, (0.0, float("nan"), 1.0, 1.0), 400, "finite"),
         (good, ("left", 0, 1, 1), 400, "four numbers"),
         (good, (0.0, 0.0, 0.5), 400, "four numbers"),
+        (good, "0,0,1,1", 400, "four numbers"),
         (good, (0.0, 0.0, 0.005, 0.005), 400, "too small"),
     ]
     for data, box, status, words in cases:
