@@ -394,7 +394,7 @@ class EmbedServer:
     def _claim(self, take_over: bool, wait: float) -> bool:
         lock_path = self.path.with_name(self.path.name.removesuffix(".sock") + ".lock")
         with _umask(0o177):
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         if _try_lock(fd):
             self._lock_fd = fd
             return True

@@ -206,6 +206,21 @@ def test_similar_file_asks_the_daemon(collection, daemon, tmp_path):
     assert found[0]["path"].endswith("/china.png") and found[0]["score"] > 0.8
 
 
+def test_the_daemon_keeps_ingesting_while_it_answers(collection, daemon):
+    store, db_path, folder = collection
+    Image.fromarray(sample_photos()["astronaut"]).save(folder / "astronaut.png")
+    query = (folder / "coffee.png").read_bytes()
+
+    def added_while_answering():
+        assert embed(db_path, query).via == "daemon"
+        return store.by_path(str(folder / "astronaut.png"))
+
+    wait_until(added_while_answering, 120, 0.05, "the new photo to be stored")
+    vector, _ = stored(store, "astronaut.png")
+    embedding = embed(db_path, (folder / "astronaut.png").read_bytes())
+    assert float(embedding.vector @ vector) >= 0.9999
+
+
 # --- without a daemon: a worker, with a random-weight model to keep it quick ------------------
 
 
