@@ -322,6 +322,7 @@ def _watcher(folder, db_path, model_name, weights, precision, runtime, poll, res
              max_bytes, max_pixels, status=None):
     from .files import Limits
     from .ingest import IGNORE
+    from .models import serialised
     from .watcher import StatusLine, Watcher
 
     from .search import one_blas_thread
@@ -329,7 +330,8 @@ def _watcher(folder, db_path, model_name, weights, precision, runtime, poll, res
     one_blas_thread()
     status = status or StatusLine()
     store = open_store(db_path)
-    model = load_model(store, model_name, weights, precision, runtime)
+    # Shared with the image-search channel (embedder.serving): one forward pass at a time.
+    model = serialised(load_model(store, model_name, weights, precision, runtime))
     store.close()
     watcher = Watcher(
         folder,
@@ -368,12 +370,19 @@ def watch(folder, **options):
     First adds what is new or changed and marks deleted what has gone, then adds
     each image dropped in within seconds, once it is completely written. Renamed
     and moved files keep their id and run no model. Hidden files, partial
-    downloads and editors' temporary files are left alone.
+    downloads and editors' temporary files are left alone. Meanwhile its model
+    also answers searches by an image (`collection similar FILE`, the browser's
+    upload search) over a socket next to the database that only you can reach.
     """
-    from .watcher import run_until_stopped
+    from .embedder import serving
+    from .watcher import StatusLine, run_until_stopped
 
-    watcher, status = _watcher(folder, **options)
-    run_until_stopped(watcher)
+    status = StatusLine()
+    # The image-search channel is claimed before the model loads: a search meanwhile waits for it.
+    with serving(options["db_path"], echo=status.say) as channel:
+        watcher, status = _watcher(folder, status=status, **options)
+        channel.model = watcher.model
+        run_until_stopped(watcher)
     status.close()
 
 
@@ -394,6 +403,7 @@ def start(folder, host, port, **options):
     import sys
     import threading
 
+    from .embedder import serving
     from .watcher import StatusLine, run_until_stopped
 
     # SIGTERM stops the server too, even while the model loads: it becomes KeyboardInterrupt.
@@ -415,14 +425,16 @@ def start(folder, host, port, **options):
         # Relayed from the first byte, before the model loads: a pipe left unread fills
         # and stalls the server. Its lines go above the status line, not through it.
         threading.Thread(target=_relay, args=(server.stdout, status.say), daemon=True).start()
-        watcher, status = _watcher(folder, status=status, **options)
-        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        click.echo(
-            f"Open http://{shown}:{port}/ to browse the collection; "
-            f"drop images into {watcher.root} (Ctrl-C stops both)",
-            err=True,
-        )
-        run_until_stopped(watcher, alive=lambda: server.poll() is None)
+        with serving(db_path, echo=status.say) as channel:
+            watcher, status = _watcher(folder, status=status, **options)
+            channel.model = watcher.model
+            shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+            click.echo(
+                f"Open http://{shown}:{port}/ to browse the collection; "
+                f"drop images into {watcher.root} (Ctrl-C stops both)",
+                err=True,
+            )
+            run_until_stopped(watcher, alive=lambda: server.poll() is None)
         status.close()
     finally:
         exited = server.poll()
@@ -479,7 +491,9 @@ def similar(image, k, min_score, as_json, db_path):
     """Images most like IMAGE: an id or path in the collection, or any image file.
 
     A file outside the collection is run through the collection's model on the
-    fly; it is not added.
+    fly; it is not added. A running watcher daemon (`collection watch` or
+    `collection start`) embeds it in well under a second; without one, the model
+    is loaded here for this one file.
     """
     import json
 
@@ -491,7 +505,11 @@ def similar(image, k, min_score, as_json, db_path):
     if row is not None and row["deleted_at"] is None:
         found = searcher.similar(row["id"], k, min_score)
     elif os.path.isfile(image):
-        found = searcher.similar_to_vector(_embed_file(store, image), k, min_score)
+        embedding = _embed_file(store, image, db_path)
+        if not as_json:
+            where = {"daemon": "the watcher daemon", "worker": "the embedding worker"}.get(embedding.via, "this process")
+            click.echo(f"Embedded by {where} in {embedding.seconds:.2f} s", err=True)
+        found = searcher.similar_to_vector(embedding.vector, k, min_score)
     else:
         raise click.ClickException(f"no image {image!r} in {db_path}, and no such file")
     paths = dict(store.db.execute(
@@ -506,20 +524,29 @@ def similar(image, k, min_score, as_json, db_path):
             click.echo("No similar images.", err=True)
 
 
-def _embed_file(store: Store, path: str):
-    """The vector of an image file that is not in the collection, from its model."""
-    from . import images
+def _embed_file(store: Store, path: str, db_path: str):
+    """The Embedding of an image file that is not in the collection, from its model: by the
+    watcher daemon when one runs, else loaded here (quicker for one file than starting a
+    worker, and nothing is left running)."""
+    from . import files
+    from .embedder import EmbedError, NoServer, compute, embed
     from .models import AUTO
 
     if store.model is None:
         raise click.ClickException("the collection is empty: add images first")
-    model = load_model(store, AUTO, None, store.get_meta("precision") or "fp32")
     try:
-        decoded = images.decode(path, min_side=model.min_side)
-    except images.ImageError as e:
+        data, _ = files.read(path, None)
+    except files.Unreadable as e:
         raise click.ClickException(f"{path}: {e}") from None
-    vectors, _ = model.embed_batch([model.prepare(decoded.image)])
-    return vectors[0]
+    try:
+        try:
+            embedding = embed(db_path, data, start_worker=False, max_bytes=files.MAX_BYTES)
+        except NoServer:
+            model = load_model(store, AUTO, None, store.get_meta("precision") or "fp32")
+            embedding = compute(model, data)
+    except EmbedError as e:
+        raise click.ClickException(f"{path}: {e.message}") from None
+    return embedding
 
 
 @cli.command(name="index")

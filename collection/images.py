@@ -33,6 +33,10 @@ class ImageError(Exception):
     """A file that cannot be ingested; the message says why, for a person."""
 
 
+class NotAnImage(ImageError):
+    """Bytes in no format Pillow reads (as against an image that is broken or too big)."""
+
+
 @dataclass
 class Decoded:
     """One image file, opened, checked and turned into RGB."""
@@ -100,7 +104,7 @@ def decode(
     except Image.DecompressionBombError as e:
         raise ImageError(f"refused as a possible decompression bomb: {e}") from None
     except UnidentifiedImageError:
-        raise ImageError("not an image Pillow can read (unknown or corrupt format)") from None
+        raise NotAnImage("not an image Pillow can read (unknown or corrupt format)") from None
     except OSError as e:
         raise ImageError(f"truncated or corrupt image header: {e}") from None
     except Exception as e:  # Pillow raises many kinds on hostile headers

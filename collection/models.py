@@ -14,6 +14,7 @@ import importlib.util
 import os
 import sys
 import tempfile
+import threading
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -296,6 +297,26 @@ class Counting:
 
     def __getattr__(self, name):
         return getattr(self._model, name)
+
+
+class Serialised:
+    """A model two threads share (the watcher's ingest and the image-search channel):
+    one forward pass at a time."""
+
+    def __init__(self, model: Model):
+        self._model = model
+        self.lock = threading.Lock()
+
+    def embed_batch(self, batch):
+        with self.lock:
+            return self._model.embed_batch(batch)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def serialised(model) -> Serialised:
+    return model if isinstance(model, Serialised) else Serialised(model)
 
 
 MODELS: dict[str, type[Model]] = {m.name: m for m in (InceptionV3, EfficientNetLite0)}
