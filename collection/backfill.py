@@ -168,20 +168,23 @@ class Embedder:
         ]
         vectors, probs = model.embed_batch(pixels)
         top = iter(model.top_labels(probs))
-        values = np.zeros((len(ok), model.dimensions), "<f4")
-        values[ok] = vectors
-        vector = pa.FixedSizeListArray.from_arrays(
-            pa.array(values.ravel()), model.dimensions, mask=pa.array(~ok)
-        )
         labels = [
             [{"wnid": w, "label": name, "score": score} for w, name, score in next(top)] if good else None
             for good in ok
         ]
         return (
             batch.drop_columns(["pixels"])
-            .append_column(pa.field("vector", vector.type), vector)
-            .append_column(pa.field("labels", pa.list_(shards.LABEL)), pa.array(labels, pa.list_(shards.LABEL)))
+            .append_column("vector", _rows_of(vectors, ok, "<f4"))
+            .append_column("labels", pa.array(labels, pa.list_(shards.LABEL)))
+            .append_column("probabilities", _rows_of(probs, ok, "<f2"))
         )
+
+
+def _rows_of(values: np.ndarray, ok: np.ndarray, dtype: str) -> pa.FixedSizeListArray:
+    """One fixed-size list per file: the next row of ``values`` where ``ok``, else null."""
+    full = np.zeros((len(ok), values.shape[1]), dtype)
+    full[ok] = values
+    return pa.FixedSizeListArray.from_arrays(pa.array(full.ravel()), values.shape[1], mask=pa.array(~ok))
 
 
 class ShardSink(Datasink):
