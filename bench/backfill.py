@@ -127,7 +127,7 @@ def model_seconds_per_image(files: list[Path], model_name: str) -> float:
 
 
 def cpu_flags() -> str:
-    flags = set(re.findall(r"\b(avx512[a-z_0-9]*|avx2|amx[a-z_]*)\b", Path("/proc/cpuinfo").read_text()))
+    flags = set(re.findall(r"\b(avx512[a-z_0-9]*|avx2|amx[a-z_0-9]*)\b", Path("/proc/cpuinfo").read_text()))
     return " ".join(sorted(flags)) or "(none of avx2/avx512/amx)"
 
 

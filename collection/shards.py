@@ -288,7 +288,8 @@ def _moved_from(store: Store, path: str, sha256: str) -> int | None:
     """The id of a row with this content whose file has gone (marked deleted, or no
     longer on disk): the file was moved to ``path``, and keeps that row's id."""
     for row in store.by_sha256(sha256):
-        if row["path"] != path and (row["deleted_at"] is not None or not os.path.exists(row["path"])):
+        gone = row["deleted_at"] is not None or (local(row["path"]) and not os.path.exists(row["path"]))
+        if row["path"] != path and gone:
             return row["id"]
     return None
 

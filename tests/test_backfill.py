@@ -22,7 +22,8 @@ if importlib.util.find_spec("ray") is None and not os.environ.get("CI"):
 import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 
-from collection import backfill, categories, shards  # noqa: E402
+from collection import backfill, categories, files, shards  # noqa: E402
+from collection.sources import Source  # noqa: E402
 
 MODEL = "efficientnet_lite0"  # real weights: top labels far apart, so their order is stable
 GOOD = 9
@@ -255,3 +256,45 @@ def test_a_moved_file_keeps_its_id_on_import(local_ray, tmp_path):
     # the older shard's rows for the old paths stay out: those files are gone
     assert shards.import_shards(store, out).added == 0
     assert store.db.execute("select count(*) from images").fetchone()[0] == 3
+
+
+def test_a_file_uri_source_is_the_folder_and_links_out_of_it_are_refused(local_ray, tmp_path):
+    folder, outside = tmp_path / "photos", tmp_path / "elsewhere"
+    for i in range(2):
+        make_image(folder / f"{i}.jpg", seed=300 + i, size=(160, 120))
+    make_image(outside / "secret.jpg", seed=399, size=(160, 120))
+    (folder / "link.jpg").symlink_to(outside / "secret.jpg")
+    out = tmp_path / "shards"
+    printed = run(["backfill", folder.as_uri(), "--out", str(out), "--model", MODEL])
+    assert "2 embedded, 1 failed, 0 skipped" in printed
+    assert sorted(shard_paths(out)) == [str(folder / "0.jpg"), str(folder / "1.jpg")]  # plain paths, as `add` stores
+    [failure] = pq.read_table(shards.failure_files(out)[0]).to_pylist()
+    assert failure["path"] == os.fsencode(folder / "link.jpg") and "outside the folder" in failure["error"]
+    # the same folder by its path: nothing left to do
+    assert "0 embedded, 0 failed, 3 skipped" in run(["backfill", str(folder), "--out", str(out), "--model", MODEL])
+    result = CliRunner().invoke(cli, ["backfill", "nosuch://bucket/x", "--out", str(out)])
+    assert result.exit_code == 1 and "cannot open nosuch://bucket/x" in result.output and "Traceback" not in result.output
+
+
+def test_a_pyarrow_filesystem_source_lists_and_reads_within_the_limits(tmp_path):
+    """The path every remote URI takes (s3://, gs://), here on pyarrow's local filesystem."""
+    folder = tmp_path / "bucket"
+    make_image(folder / "a.jpg", seed=1, size=(64, 48))
+    make_image(folder / "deep" / "er" / "b.png", seed=2, size=(64, 48))
+    make_image(folder / "@eaDir" / "thumb.jpg", seed=3, size=(64, 48))  # a NAS's thumbnails: skipped
+    (folder / ".hidden.jpg").write_bytes(b"x")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "big.jpg").write_bytes(b"\xff" * 5000)
+    source = Source(str(folder), folder.as_uri(), files.Limits(max_bytes=4000))
+    states = list(source.states())
+    uri = folder.as_uri()
+    assert [p for p, _, _ in states] == [f"{uri}/a.jpg", f"{uri}/big.jpg", f"{uri}/deep/er/b.png"]
+    assert [(size, mtime) for _, size, mtime in states][0] == ((folder / "a.jpg").stat().st_size, (folder / "a.jpg").stat().st_mtime)
+    path, size, _ = states[0]
+    assert source.read(path, size) == (folder / "a.jpg").read_bytes()
+    with pytest.raises(files.TooBig):
+        source.read(states[1][0], states[1][1])
+    with pytest.raises(files.Unreadable, match="changed since it was listed"):
+        source.read(path, size + 1)
+    with pytest.raises(files.Unreadable, match="cannot read file"):
+        source.read(f"{uri}/gone.jpg", 10)
