@@ -773,9 +773,11 @@ def import_(folder, db_path):
     The similar-images index, matches and map catch up as after a large add.
     """
     _require("pyarrow", "collection import")
+    from .search import one_blas_thread
     from .shards import count_rows, import_shards
     from .upkeep import Upkeep
 
+    one_blas_thread()  # as in `add`: the upkeep's many small products, on two busy cores
     store = open_store(db_path)
     upkeep = Upkeep(store, refresh_map=False)
     try:
