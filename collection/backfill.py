@@ -268,7 +268,9 @@ def _connect(address: str | None) -> None:
         # A local Ray only: autoscaler v1's monitor ignores the SIGTERM of ray.shutdown for
         # its full second (it reports its own death to the GCS, already stopped); v2's exits
         # at once. Nothing autoscales here, so only the shutdown changes: 1.3 s -> 0.35 s.
-        options["_system_config"] = {"enable_autoscaler_v2": True}
+        # Workers' output stays in Ray's session logs (/tmp/ray/session_latest/logs) rather
+        # than mixing TensorFlow's start-up lines and v2's "cannot add nodes" notes into ours.
+        options = {"_system_config": {"enable_autoscaler_v2": True}, "log_to_driver": False}
     try:
         ray.init(address=address, include_dashboard=False, **options)
     except ConnectionError as e:
