@@ -198,6 +198,9 @@ def main() -> None:
         print(f"| {name:<26} | {seconds:>8.1f} | {n / seconds:>8.1f} | {rss:>11.0f} |")
     print()
     print(f"engine overhead (backfill + import vs add, wall, start-up included): {rows[3][1] / add[0] - 1:+.0%}")
+    if args.repeat > 1:  # each run against the add it was interleaved with: what a neighbour's burst moves least
+        each = sorted((b[0] + i[0]) / a[0] - 1 for a, b, i in runs)
+        print(f"  per run: {', '.join(f'{o:+.0%}' for o in each)}; median {each[(len(each) - 1) // 2]:+.0%}")
     print(f"backfill's own summary: {backfill[2].strip()}")
     print(f"import: {n / imported[0]:.0f} rows/s for the whole command; {writes:.0f} rows/s for its writes alone")
     print(f"CPU time per image: {decode * 1000:.1f} ms to read, hash, decode, fit and thumbnail; "
