@@ -1,10 +1,11 @@
 """`collection add` vs `collection backfill` (Ray Data, local) + `collection import`, on one machine.
 
-    PYTHONPATH=. .venv/bin/python bench/backfill.py --count 500 [--photos FOLDER]
+    PYTHONPATH=. .venv/bin/python bench/backfill.py --count 500 [--photos FOLDER] [--repeat 3]
 
 Builds a corpus of distinct files from real photos (by default ../shared/photos): each
-copy a random crop, sometimes mirrored, re-encoded in its format. Then runs each command in its own process on the same files, into fresh
-databases and shards, and prints one table: wall seconds, images/s, peak resident size
+copy a random crop, sometimes mirrored, re-encoded in its format. Then runs each
+command in its own process on the same files, into fresh databases and shards
+(``--repeat`` times, interleaved, keeping each command's median), and prints one table: wall seconds, images/s, peak resident size
 of the whole process tree (Ray's raylet, workers and model actor included), and the
 per-image figures the README's sizing table is computed from.
 """
@@ -96,16 +97,22 @@ def timed(args: list[str]) -> tuple[float, float, str]:
     return seconds, peak, out
 
 
+def median_run(runs: list[tuple[float, float, str]]) -> tuple[float, float, str]:
+    """The run with the median wall time (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda r: r[0])[(len(runs) - 1) // 2]
+
+
 def decode_seconds_per_image(files: list[Path], model: str) -> float:
     """CPU seconds one core spends reading, hashing, decoding, fitting and thumbnailing a file:
     what bounds a GPU node, where the model is no longer the slow part."""
     sys.path.insert(0, str(ROOT))
     from collection import backfill
+    from collection.sources import Source
 
     table = backfill.file_table((str(p), p.stat().st_size, p.stat().st_mtime) for p in files)
     spec = backfill.ModelSpec(model, None, "fp32")
     started = time.process_time()
-    backfill.decode_batch(table, spec)
+    backfill.decode_batch(table, spec, Source.of(files[0].parent))
     return (time.process_time() - started) / len(files)
 
 
@@ -127,7 +134,7 @@ def model_seconds_per_image(files: list[Path], model_name: str) -> float:
 
 
 def cpu_flags() -> str:
-    flags = set(re.findall(r"\b(avx512[a-z_0-9]*|avx2|amx[a-z_]*)\b", Path("/proc/cpuinfo").read_text()))
+    flags = set(re.findall(r"\b(avx512[a-z_0-9]*|avx2|amx[a-z_0-9]*)\b", Path("/proc/cpuinfo").read_text()))
     return " ".join(sorted(flags)) or "(none of avx2/avx512/amx)"
 
 
@@ -148,17 +155,25 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=500)
     parser.add_argument("--model", default="efficientnet_lite0")
     parser.add_argument("--photos", type=Path, default=SEEDS, help="Real photos to copy [default: %(default)s].")
+    parser.add_argument("--repeat", type=int, default=1, help="Runs of the three commands; the median is shown.")
     args = parser.parse_args()
     corpus = build_corpus(args.count, args.photos)
     files = sorted(corpus.iterdir())
     work = Path(tempfile.mkdtemp(prefix="bench-backfill-"))
     try:
-        add = timed(["add", str(corpus), "--db", str(work / "add.db"), "--model", args.model])
-        backfill = timed(["backfill", str(corpus), "--out", str(work / "shards"), "--model", args.model])
-        imported = timed(["import", str(work / "shards"), "--db", str(work / "import.db")])
-        shard_bytes = sum(p.stat().st_size for p in (work / "shards").iterdir())
-        db_bytes = sum(p.stat().st_size for p in work.glob("import.db*"))
-        writes = import_writes_per_second(work / "shards", work / "writes.db")
+        runs = []
+        for k in range(args.repeat):  # interleaved, so that a neighbour's burst hits all three alike
+            run = work / f"run{k}"
+            run.mkdir()
+            runs.append((
+                timed(["add", str(corpus), "--db", str(run / "add.db"), "--model", args.model]),
+                timed(["backfill", str(corpus), "--out", str(run / "shards"), "--model", args.model]),
+                timed(["import", str(run / "shards"), "--db", str(run / "import.db")]),
+            ))
+        add, backfill, imported = (median_run([r[i] for r in runs]) for i in range(3))
+        shard_bytes = sum(p.stat().st_size for p in (run / "shards").iterdir())
+        db_bytes = sum(p.stat().st_size for p in run.glob("import.db*") if p.is_file())
+        writes = import_writes_per_second(run / "shards", work / "writes.db")
         decode = decode_seconds_per_image(files[:50], args.model)
         model = model_seconds_per_image(files[:64], args.model)
     finally:
@@ -167,6 +182,9 @@ def main() -> None:
     n = args.count
     load = os.getloadavg()[0]
     print(f"{n} photos ({args.model}, fp32), {os.cpu_count()} cores, load average {load:.1f}; CPU flags: {cpu_flags()}")
+    if args.repeat > 1:
+        print(f"median of {args.repeat} interleaved runs; every run's seconds (add, backfill, import): "
+              + "; ".join(f"{a[0]:.1f}, {b[0]:.1f}, {i[0]:.1f}" for a, b, i in runs))
     print()
     print(f"| {'run':<26} | {'seconds':>8} | {'images/s':>8} | {'peak RSS MB':>11} |")
     print(f"| {'-' * 26} | {'-' * 7}: | {'-' * 7}: | {'-' * 10}: |")
@@ -180,6 +198,9 @@ def main() -> None:
         print(f"| {name:<26} | {seconds:>8.1f} | {n / seconds:>8.1f} | {rss:>11.0f} |")
     print()
     print(f"engine overhead (backfill + import vs add, wall, start-up included): {rows[3][1] / add[0] - 1:+.0%}")
+    if args.repeat > 1:  # each run against the add it was interleaved with: what a neighbour's burst moves least
+        each = sorted((b[0] + i[0]) / a[0] - 1 for a, b, i in runs)
+        print(f"  per run: {', '.join(f'{o:+.0%}' for o in each)}; median {each[(len(each) - 1) // 2]:+.0%}")
     print(f"backfill's own summary: {backfill[2].strip()}")
     print(f"import: {n / imported[0]:.0f} rows/s for the whole command; {writes:.0f} rows/s for its writes alone")
     print(f"CPU time per image: {decode * 1000:.1f} ms to read, hash, decode, fit and thumbnail; "

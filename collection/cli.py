@@ -720,7 +720,7 @@ def _require(module: str, engine: str) -> None:
 
 
 @cli.command()
-@click.argument("source", type=click.Path(exists=True, file_okay=False))
+@click.argument("source")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder for the Parquet shards: on storage every Ray node reaches at the same path.")
 @click.option("--engine", type=click.Choice(["ray"]), default="ray", show_default=True,
@@ -735,10 +735,15 @@ def _require(module: str, engine: str) -> None:
               help="Model actors [default: one per GPU; on a cluster without GPUs, one per node].")
 @click.option("--shard-rows", type=click.IntRange(1), default=None,
               help="Files per shard [default: 1000].")
+@limit_options
 def backfill(
-    source, out, engine, address, db_path, model_name, weights, precision, runtime, batch_size, actors, shard_rows
+    source, out, engine, address, db_path, model_name, weights, precision, runtime, batch_size, actors, shard_rows,
+    max_bytes, max_pixels,
 ):
     """Embed every image under SOURCE on a Ray cluster, into Parquet shards in --out.
+
+    SOURCE is a folder every node reaches at the same path, or a pyarrow.fs URI
+    (s3://bucket/photos, gs://..., file:///...).
 
     Decoding runs as tasks on every CPU of the cluster and the model in one actor per
     GPU (or per node), with the same model code and weights as `collection add`.
@@ -748,7 +753,14 @@ def backfill(
     """
     _require("ray", "collection backfill")
     from .backfill import SHARD_ROWS, EngineError, ModelSpec, file_table, run
+    from .files import Limits
     from .models import ModelError, choose
+    from .sources import Source, SourceError
+
+    try:
+        where = Source.of(source, Limits(max_bytes, max_pixels))
+    except SourceError as e:
+        raise click.ClickException(str(e)) from None
 
     store = open_store(db_path) if Path(db_path).exists() else None
     try:
@@ -763,7 +775,7 @@ def backfill(
         raise click.ClickException(f"the weights of {model.model_id} are not here: see `collection models`")
     try:
         summary = run(
-            source,
+            where,
             out,
             ModelSpec.of(model),
             done=file_table(store.file_states()) if store else None,
@@ -791,9 +803,11 @@ def import_(folder, db_path):
     The similar-images index, matches and map catch up as after a large add.
     """
     _require("pyarrow", "collection import")
+    from .search import one_blas_thread
     from .shards import count_rows, import_shards
     from .upkeep import Upkeep
 
+    one_blas_thread()  # as in `add`: the upkeep's many small products, on two busy cores
     store = open_store(db_path)
     upkeep = Upkeep(store, refresh_map=False)
     try:

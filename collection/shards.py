@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import categories
 from .store import Store, StoreError
 
 IMAGES = "images-"
@@ -49,6 +50,7 @@ KEY_FIELDS = [
     pa.field("size", pa.int64()),
     pa.field("mtime", pa.float64()),
 ]
+PROBABILITIES = pa.list_(pa.float16(), categories.CLASSES)
 LABEL = pa.struct([("wnid", pa.string()), ("label", pa.string()), ("score", pa.float32())])
 METADATA_FIELDS = [  # images.Decoded.metadata(), beyond size
     pa.field("sha256", pa.string()),
@@ -69,6 +71,9 @@ def image_schema(dimensions: int) -> pa.Schema:
             *METADATA_FIELDS,
             pa.field("vector", pa.list_(pa.float32(), dimensions)),  # L2-normalised
             pa.field("labels", pa.list_(LABEL)),  # the top labels, best first
+            # The model's 1,000 class probabilities, rounded to float16 as the collection
+            # stores them (categories.py): import derives the image's categories from them.
+            pa.field("probabilities", PROBABILITIES),
             pa.field("thumbnail", pa.binary()),  # JPEG, at most 256 px a side
         ]
     )
@@ -179,14 +184,16 @@ def model_of(folder: str | Path) -> ModelInfo:
 class ImportSummary:
     added: int = 0
     updated: int = 0
+    moved: int = 0  # a known image's file under a new path: its row follows it, keeping its id
     unchanged: int = 0  # already in the collection as imported (or a newer version is)
+    gone: int = 0  # no longer on disk: not imported
     failed: int = 0  # failures recorded
     shards: int = 0
 
     def line(self) -> str:
         return (
-            f"{self.added} added, {self.updated} updated, {self.unchanged} unchanged, "
-            f"{self.failed} failed, from {self.shards} shards"
+            f"{self.added} added, {self.updated} updated, {self.moved} moved, {self.unchanged} unchanged, "
+            f"{self.gone} gone, {self.failed} failed, from {self.shards} shards"
         )
 
 
@@ -203,7 +210,10 @@ def import_shards(
 
     A file already in the collection with the same size, mtime, content and model is
     left alone, as is one the collection holds a newer version of: importing twice
-    changes nothing, and an image keeps its id."""
+    changes nothing, and an image keeps its id. As with ``add``, a file with the
+    content of an image whose file has gone takes over that image's row (a move), and
+    a file that has itself gone since the backfill is not imported. Each image gets its
+    categories from the class probabilities in the shard."""
     summary = ImportSummary()
     images = image_files(folder)
     if images:
@@ -230,10 +240,12 @@ def import_shards(
 
 def _import_images(store: Store, batch: pa.RecordBatch, model: ModelInfo, summary: ImportSummary) -> list[int]:
     vectors = _vectors(batch, model.dimensions)
-    rows = batch.drop_columns(["vector"]).to_pylist()
+    probabilities = _probabilities(batch)
+    columns = ["path", "size", "mtime", *(f.name for f in METADATA_FIELDS), "labels", "thumbnail"]
+    rows = batch.select(columns).to_pylist()
     ids = []
     with store.db.atomic():
-        for row, vector in zip(rows, vectors):
+        for i, row in enumerate(rows):
             path = os.fsdecode(row["path"])
             current = store.by_path(path)
             if current and current["deleted_at"] is None and current["model"] == model.model_id and (
@@ -242,9 +254,22 @@ def _import_images(store: Store, batch: pa.RecordBatch, model: ModelInfo, summar
             ):
                 summary.unchanged += 1
                 continue
+            if local(path) and not os.path.lexists(path):
+                summary.gone += 1  # deleted or moved since the backfill: `add` would not add it either
+                continue
+            moved = None if current and current["sha256"] == row["sha256"] else _moved_from(store, path, row["sha256"])
+            if moved:
+                store.move(moved, path, row["mtime"])  # as `collection add` does: same id, no new row
+                store.clear_failure(path)
+                ids.append(moved)
+                summary.moved += 1
+                continue
             labels = [(label["wnid"], label["label"], label["score"]) for label in row["labels"]]
             thumbnail = (row["thumbnail"], row["width"], row["height"]) if row["thumbnail"] else None
-            image_id = store.save_image(path, row["mtime"], row, vector, labels, model.model_id, thumbnail)
+            image_id = store.save_image(
+                path, row["mtime"], row, vectors[i], labels, model.model_id, thumbnail,
+                probabilities=None if probabilities is None else probabilities[i],
+            )
             store.clear_failure(path)
             ids.append(image_id)
             if current:
@@ -254,12 +279,38 @@ def _import_images(store: Store, batch: pa.RecordBatch, model: ModelInfo, summar
     return ids
 
 
+def local(path: str) -> bool:
+    """Whether a shard's path names a file on this machine's filesystem (not ``s3://...``)."""
+    return "://" not in path
+
+
+def _moved_from(store: Store, path: str, sha256: str) -> int | None:
+    """The id of a row with this content whose file has gone (marked deleted, or no
+    longer on disk): the file was moved to ``path``, and keeps that row's id."""
+    for row in store.by_sha256(sha256):
+        gone = row["deleted_at"] is not None or (local(row["path"]) and not os.path.exists(row["path"]))
+        if row["path"] != path and gone:
+            return row["id"]
+    return None
+
+
 def _vectors(batch: pa.RecordBatch, dimensions: int) -> np.ndarray:
     column = batch.column("vector")
     if column.null_count or column.type.list_size != dimensions:
         raise StoreError(f"a shard holds vectors that are missing or not {dimensions}-dimensional")
     values = pc.list_flatten(column).to_numpy(zero_copy_only=False)
     return values.astype("<f4", copy=False).reshape(len(batch), dimensions)
+
+
+def _probabilities(batch: pa.RecordBatch) -> np.ndarray | None:
+    """The class probabilities (float32 holding float16 values), or None for shards
+    written before they were kept: those images are imported without categories."""
+    if "probabilities" not in batch.schema.names:
+        return None
+    column = batch.column("probabilities")
+    if column.null_count or column.type != PROBABILITIES:
+        raise StoreError(f"a shard holds class probabilities that are missing or not {categories.CLASSES} float16s")
+    return pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(batch), -1)
 
 
 def _import_failure(store: Store, row: dict, summary: ImportSummary) -> None:

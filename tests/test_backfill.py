@@ -22,7 +22,8 @@ if importlib.util.find_spec("ray") is None and not os.environ.get("CI"):
 import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 
-from collection import backfill, shards  # noqa: E402
+from collection import backfill, categories, files, shards  # noqa: E402
+from collection.sources import Source  # noqa: E402
 
 MODEL = "efficientnet_lite0"  # real weights: top labels far apart, so their order is stable
 GOOD = 9
@@ -79,7 +80,7 @@ def test_backfill_and_import_give_the_same_collection_as_add(backfilled, photos,
     folder, printed = backfilled
     assert f"{GOOD} embedded, {len(BAD)} failed, 0 skipped" in printed
     out = run(["import", str(folder), "--db", str(imported)])
-    assert f"{GOOD} added, 0 updated, 0 unchanged, {len(BAD)} failed" in out
+    assert f"{GOOD} added, 0 updated, 0 moved, 0 unchanged, 0 gone, {len(BAD)} failed" in out
 
     a, b = Store(added), Store(imported)
     columns = "path, sha256, size, mtime, width, height, format, taken_at, camera, latitude, longitude, model, labels, top_label, deleted_at"
@@ -98,6 +99,18 @@ def test_backfill_and_import_give_the_same_collection_as_add(backfilled, photos,
         assert [r["score"] for r in labels_b] == pytest.approx([r["score"] for r in labels_a], abs=1e-4)
         thumb = "select jpeg, width, height from thumbnails where image_id = ?"
         assert a.db.execute(thumb, [row_a["id"]]).fetchone() == b.db.execute(thumb, [row_b["id"]]).fetchone()
+        # the full distribution and the categories it gives, as `add` stores them
+        probs = "select probs from distributions where image_id = ?"
+        probs_a = categories.decode(a.db.execute(probs, [row_a["id"]]).fetchone()[0])
+        probs_b = categories.decode(b.db.execute(probs, [row_b["id"]]).fetchone()[0])
+        assert probs_b == pytest.approx(probs_a, abs=2e-3)
+        wnids = "select wnid, score from image_categories where image_id = ? order by score desc, wnid"
+        cats_a = list(a.db.execute(wnids, [row_a["id"]]))
+        cats_b = list(b.db.execute(wnids, [row_b["id"]]))
+        assert len(cats_a) > 1 and [w for w, _ in cats_b] == [w for w, _ in cats_a]
+        assert [s for _, s in cats_b] == pytest.approx([s for _, s in cats_a], abs=2e-3)
+    category_counts = "select wnid, images from categories where images > 0 order by wnid"
+    assert list(a.db.execute(category_counts)) == list(b.db.execute(category_counts))
     # (not size: `add` records an empty file's size as NULL, the shards as 0)
     failures = "select path, error, mtime from failures order by path"
     assert list(a.db.query(failures)) == list(b.db.query(failures))
@@ -209,3 +222,79 @@ def test_shard_names_depend_only_on_their_input_list(tmp_path):
     assert backfill.file_table([(odd, 1, 1.0)])["path"].to_pylist() == [b"/a/caf\xe9.jpg"]
     assert shards.without(table, same).num_rows == 0
     assert shards.without(table, touched)["path"].to_pylist() == [b"/a/2.jpg"]
+
+
+def test_a_moved_file_keeps_its_id_on_import(local_ray, tmp_path):
+    """As with `collection add`: known content at a new path, its old file gone, takes over the old row."""
+    library = tmp_path / "library"
+    for i in range(3):
+        make_image(library / f"{i}.jpg", seed=200 + i, size=(320, 240))
+    spec = backfill.ModelSpec(MODEL, None, "fp32")
+    out, store = tmp_path / "shards", Store(tmp_path / "c.db")
+    backfill.run(library, out, spec)
+    shards.import_shards(store, out)
+    ids = {Path(r["path"]).name: r["id"] for r in store.db.query("select id, path from images")}
+    categories_of = "select wnid, score from image_categories where image_id = ? order by wnid"
+    before = list(store.db.execute(categories_of, [ids["0.jpg"]]))
+    assert before
+
+    # 0.jpg moved to a subfolder; 1.jpg renamed after the watcher marked its row deleted
+    (library / "sub").mkdir()
+    os.rename(library / "0.jpg", library / "sub" / "0.jpg")
+    os.rename(library / "1.jpg", library / "one.jpg")
+    store.mark_deleted([ids["1.jpg"]])
+    store.db.conn.commit()
+    again = backfill.run(library, out, spec, done=backfill.file_table(store.file_states()))
+    assert (again.embedded, again.skipped) == (2, 1)
+    summary = shards.import_shards(store, out)
+    assert (summary.added, summary.updated, summary.moved) == (0, 0, 2)
+    rows = {r["id"]: r for r in store.db.query("select id, path, deleted_at from images")}
+    assert len(rows) == 3
+    assert rows[ids["0.jpg"]]["path"] == str(library / "sub" / "0.jpg")
+    assert rows[ids["1.jpg"]]["path"] == str(library / "one.jpg") and rows[ids["1.jpg"]]["deleted_at"] is None
+    assert list(store.db.execute(categories_of, [ids["0.jpg"]])) == before
+    # the older shard's rows for the old paths stay out: those files are gone
+    assert shards.import_shards(store, out).added == 0
+    assert store.db.execute("select count(*) from images").fetchone()[0] == 3
+
+
+def test_a_file_uri_source_is_the_folder_and_links_out_of_it_are_refused(local_ray, tmp_path):
+    folder, outside = tmp_path / "photos", tmp_path / "elsewhere"
+    for i in range(2):
+        make_image(folder / f"{i}.jpg", seed=300 + i, size=(160, 120))
+    make_image(outside / "secret.jpg", seed=399, size=(160, 120))
+    (folder / "link.jpg").symlink_to(outside / "secret.jpg")
+    out = tmp_path / "shards"
+    printed = run(["backfill", folder.as_uri(), "--out", str(out), "--model", MODEL])
+    assert "2 embedded, 1 failed, 0 skipped" in printed
+    assert sorted(shard_paths(out)) == [str(folder / "0.jpg"), str(folder / "1.jpg")]  # plain paths, as `add` stores
+    [failure] = pq.read_table(shards.failure_files(out)[0]).to_pylist()
+    assert failure["path"] == os.fsencode(folder / "link.jpg") and "outside the folder" in failure["error"]
+    # the same folder by its path: nothing left to do
+    assert "0 embedded, 0 failed, 3 skipped" in run(["backfill", str(folder), "--out", str(out), "--model", MODEL])
+    result = CliRunner().invoke(cli, ["backfill", "nosuch://bucket/x", "--out", str(out)])
+    assert result.exit_code == 1 and "cannot open nosuch://bucket/x" in result.output and "Traceback" not in result.output
+
+
+def test_a_pyarrow_filesystem_source_lists_and_reads_within_the_limits(tmp_path):
+    """The path every remote URI takes (s3://, gs://), here on pyarrow's local filesystem."""
+    folder = tmp_path / "bucket"
+    make_image(folder / "a.jpg", seed=1, size=(64, 48))
+    make_image(folder / "deep" / "er" / "b.png", seed=2, size=(64, 48))
+    make_image(folder / "@eaDir" / "thumb.jpg", seed=3, size=(64, 48))  # a NAS's thumbnails: skipped
+    (folder / ".hidden.jpg").write_bytes(b"x")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "big.jpg").write_bytes(b"\xff" * 5000)
+    source = Source(str(folder), folder.as_uri(), files.Limits(max_bytes=4000))
+    states = list(source.states())
+    uri = folder.as_uri()
+    assert [p for p, _, _ in states] == [f"{uri}/a.jpg", f"{uri}/big.jpg", f"{uri}/deep/er/b.png"]
+    assert [(size, mtime) for _, size, mtime in states][0] == ((folder / "a.jpg").stat().st_size, (folder / "a.jpg").stat().st_mtime)
+    path, size, _ = states[0]
+    assert source.read(path, size) == (folder / "a.jpg").read_bytes()
+    with pytest.raises(files.TooBig):
+        source.read(states[1][0], states[1][1])
+    with pytest.raises(files.Unreadable, match="changed since it was listed"):
+        source.read(path, size + 1)
+    with pytest.raises(files.Unreadable, match="cannot read file"):
+        source.read(f"{uri}/gone.jpg", 10)
