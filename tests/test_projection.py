@@ -572,12 +572,13 @@ async def test_atlas_paths_are_numbers_only(mapped, raw_path):
 
 @pytest.mark.asyncio
 async def test_map_json_level_of_detail(mapped, monkeypatch):
-    """Past MAP_POINTS images the whole map comes as an even sample, and a box brings
+    """Past FIRST_POINTS images the whole map comes as an even sample, and a box brings
     the images inside it: each answer says how many there are and how many it carries."""
     ds, members, gone, late = mapped
     live = set(members) - {gone} | {late}
     whole = (await ds.client.get("/-/map.json")).json()
     assert whole["lod"] == {"box": None, "total": len(live), "stride": 1}
+    monkeypatch.setattr(projection, "FIRST_POINTS", 10)
     monkeypatch.setattr(projection, "MAP_POINTS", 10)
     sample = (await ds.client.get("/-/map.json")).json()
     assert sample["lod"]["stride"] == 5 and 8 <= len(sample["images"]["id"]) <= 10  # 48 / 5
@@ -648,3 +649,35 @@ async def test_map_page_without_a_map(collection):
     data = (await ds.client.get("/-/map.json")).json()
     assert data["projection"] is None and data["images"]["id"] == []
     assert (await ds.client.get("/-/map/atlas/0.jpg")).status_code == 404
+
+
+@pytest.mark.parametrize("count", [projection.FIRST_POINTS + 1, 3 * projection.MAP_POINTS])
+def test_the_maps_first_answer_is_bounded_at_any_size(tmp_path, count):
+    """The page's first data carries at most FIRST_POINTS images however large the map,
+    gaps in the tiles included (deleted images, images placed again), spread over the
+    whole map; a box carries at most MAP_POINTS."""
+    store = Store(tmp_path / "big.db")
+    rng = np.random.default_rng(0)
+    xy = rng.random((count, 2))
+    with store.db.conn:
+        store.db.conn.executemany(
+            "insert into images (id, path, labels, top_label) values (?, ?, '[\"tabby\"]', 'tabby')",
+            ((i, f"/p/{i}.jpg") for i in range(1, count + 1)),
+        )
+        # every third tile left empty, as after deletions and placing again
+        store.db.conn.executemany(
+            "insert into projection (image_id, method, x, y, placed, tile) values (?, 'tsne', ?, ?, 0, ?)",
+            ((i, float(x), float(y), (i - 1) * 3 // 2) for i, (x, y) in zip(range(1, count + 1), xy)),
+        )
+    store.set_meta("projection_version", 1)
+    store.set_meta("projection_method", "tsne")
+    first = projection.map_data(store.db.conn)
+    shown = len(first["images"]["id"])
+    assert first["lod"]["total"] == count
+    assert projection.FIRST_POINTS // 2 <= shown <= projection.FIRST_POINTS
+    assert first["atlas"]["keys"] == {}  # dots only: the page asks for a box before thumbnails
+    xs, ys = np.array(first["images"]["x"]), np.array(first["images"]["y"])
+    assert xs.min() < 0.1 and xs.max() > 0.9 and ys.min() < 0.1 and ys.max() > 0.9
+    part = projection.map_data(store.db.conn, (0.0, 0.0, 1.0, 1.0))
+    assert 0 < len(part["images"]["id"]) <= projection.MAP_POINTS
+    store.close()
