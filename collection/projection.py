@@ -20,6 +20,7 @@ import os
 import sqlite3
 import threading
 import time
+import uuid
 import zlib
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .store import Store, now
+from .store import Store, make_projection_next, now, swap_projection
 
 METHODS = ("auto", "tsne", "pca")  # what can be asked for; auto may also give "tsne-sample"
 METHOD_NAMES = {
@@ -59,6 +60,12 @@ AUTO_MAP_MIN = 50
 # Called with the number of stored vectors each read decodes, for tests to count: placing
 # a batch reads the batch's own vectors, however large the collection.
 on_vectors_read: Callable[[int], None] | None = None
+
+# Rows of a recomputed map written per transaction (into the side table, see _write_map),
+# so ingest waits at most one chunk's insert; on_map_write, a hook for tests, is called with
+# the rows of each such transaction.
+WRITE_CHUNK = 5_000
+on_map_write: Callable[[int], None] | None = None
 
 # Level of detail (map_data): the whole map's answer, the page's first data, carries at
 # most FIRST_POINTS images, an even sample past that, so the first draw is quick at any
@@ -287,18 +294,12 @@ def project(
     )
     tiles = spatial_order(points)
     seconds = time.perf_counter() - start
-    _check(stopping)
+    writer = _write_map(store, ids, points, tiles, used, stopping)
     with _write_lock(store):
-        store.db.execute("delete from projection")
-        store.db.conn.executemany(
-            # an image deleted while the layout ran stays off the map
-            "insert into projection (image_id, method, x, y, placed, tile, sha256) "
-            "select ?1, ?2, ?3, ?4, 0, ?5, sha256 from images where id = ?1 and deleted_at is null",
-            (
-                (int(image_id), used, float(x), float(y), int(tile))
-                for image_id, (x, y), tile in zip(ids, points, tiles)
-            ),
-        )
+        _check(stopping)
+        _check_writer(store, writer)
+        # Short at any size: a rename, the old map's pages freed, and a new side table.
+        swap_projection(store.db.conn, uuid.uuid4().hex[:8])
         version = int(store.get_meta("projection_version") or 0) + 1
         for key, value in {
             "version": version,
@@ -310,12 +311,52 @@ def project(
             "seconds": round(seconds, 2),
         }.items():
             store.set_meta(f"projection_{key}", value)
+        store.db.execute("delete from collection_meta where key = 'projection_writer'")
     # The watcher may have added or changed images while the layout ran: place them now.
     late = [
         row[0] for row in store.db.execute(f"select images.id {_LIVE_VECTORS} and {_OFF_THE_MAP}")
     ]
     placed = place_new(store, late)
     return Projection(used, len(ids), placed, time.perf_counter() - start)
+
+
+def _write_map(
+    store: Store, ids: np.ndarray, points: np.ndarray, tiles: np.ndarray, method: str,
+    stopping: threading.Event | None,
+) -> str:
+    """Write the new map into the side table ``projection_next``, WRITE_CHUNK rows per
+    transaction, so ingest and place_new commit between them; the map page reads the old
+    map until the swap. The side table is this recompute's alone: a recompute started
+    later (another process) takes it over, and this one gives up at its next chunk."""
+    writer = uuid.uuid4().hex
+    with _write_lock(store):
+        make_projection_next(store.db.conn, writer[:8])  # what a stopped recompute left goes
+        store.set_meta("projection_writer", writer)
+    for begin in range(0, len(ids), WRITE_CHUNK):
+        _check(stopping)
+        rows = [
+            (int(image_id), method, float(x), float(y), int(tile))
+            for image_id, (x, y), tile in zip(
+                ids[begin : begin + WRITE_CHUNK], points[begin : begin + WRITE_CHUNK], tiles[begin : begin + WRITE_CHUNK]
+            )
+        ]
+        with _write_lock(store):
+            _check_writer(store, writer)
+            store.db.conn.executemany(
+                # an image deleted while the layout ran stays off the map (and the
+                # triggers take one deleted from now on off the side table)
+                "insert into projection_next (image_id, method, x, y, placed, tile, sha256) "
+                "select ?1, ?2, ?3, ?4, 0, ?5, sha256 from images where id = ?1 and deleted_at is null",
+                rows,
+            )
+        if on_map_write is not None:
+            on_map_write(len(rows))
+    return writer
+
+
+def _check_writer(store: Store, writer: str) -> None:
+    if store.get_meta("projection_writer") != writer:
+        raise ProjectionError("another map recompute started meanwhile; it makes the map")
 
 
 def _check(stopping: threading.Event | None) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import sqlite3
 import threading
 
 import numpy as np
@@ -433,6 +434,57 @@ def test_a_large_map_reads_its_vectors_a_sample_and_a_chunk_at_a_time(collection
     result = projection.project(Store(db_path))
     assert result.method == "tsne-sample"
     assert reads[0] == 20 and max(reads[1:]) <= 8 and sum(reads) == len(members)
+
+
+def test_a_recompute_writes_the_map_in_bounded_transactions_beside_a_writer(collection, monkeypatch):
+    """The new map goes into the side table WRITE_CHUNK rows per transaction; between
+    them another connection commits at once (ingest does not wait for the whole map),
+    the page keeps reading the old map until the swap, and an image deleted while the
+    side table fills stays off the new map."""
+    db_path, members = collection
+    store = Store(db_path)
+    projection.project(store, method="pca")
+    old = positions(store)
+    monkeypatch.setattr(projection, "WRITE_CHUNK", 10)
+    written, seen_during = [], []
+    victim = sorted(members)[-1]
+
+    def between_chunks(rows):
+        written.append(rows)
+        other = sqlite3.connect(db_path, timeout=0)  # fails at once if the lock were held
+        with other:
+            other.execute("insert into collection_meta (key, value) values (?, 'x')", [f"meanwhile{len(written)}"])
+            if len(written) == 1:
+                other.execute("update images set deleted_at = 'now' where id = ?", [victim])
+        seen_during.append(other.execute("select count(*) from projection").fetchone()[0])
+        other.close()
+
+    monkeypatch.setattr(projection, "on_map_write", between_chunks)
+    projection.project(store, method="tsne")
+    assert written and max(written) <= 10 and sum(written) <= len(members)
+    assert len(written) == -(-len(members) // 10)
+    assert seen_during[0] == len(old) - 1 and seen_during[-1] == len(old) - 1  # the old map, less the deleted one
+    new = positions(store)
+    assert set(new) == set(members) - {victim}
+    assert store.get_meta("projection_method") == "tsne"
+    assert store.db.execute("select count(*) from projection_next").fetchone()[0] == 0
+    assert projection.map_data(store.db.conn)["lod"]["total"] == len(members) - 1
+
+
+def test_a_recompute_started_later_takes_over_the_side_table(collection, monkeypatch):
+    db_path, members = collection
+    store = Store(db_path)
+
+    def another_starts(rows):
+        monkeypatch.setattr(projection, "on_map_write", None)
+        projection.project(Store(db_path), method="pca")  # e.g. `collection map` meanwhile
+
+    monkeypatch.setattr(projection, "WRITE_CHUNK", 10)
+    monkeypatch.setattr(projection, "on_map_write", another_starts)
+    with pytest.raises(projection.ProjectionError, match="another map recompute"):
+        projection.project(store, method="tsne")
+    assert store.get_meta("projection_method") == "pca"
+    assert len(positions(store)) == len(members)
 
 
 def test_images_added_during_a_projection_are_placed_on_it(collection, monkeypatch):
