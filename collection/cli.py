@@ -91,6 +91,17 @@ def open_store(db_path: str, create: bool = True) -> Store:
         raise click.ClickException(str(e)) from None
 
 
+def check_upkeep_settings(store: Store) -> None:
+    """The settings each batch's upkeep reads from the environment (duplicate thresholds),
+    checked before any work starts: a bad one is one clear line, not an error per batch."""
+    from .duplicates import DuplicatesError, thresholds
+
+    try:
+        thresholds(store.model)
+    except DuplicatesError as e:
+        raise click.ClickException(str(e)) from None
+
+
 def load_model(store: Store, name: str, weights: str | None, precision: str, runtime: str | None = None):
     """Resolve and build the model, turning every model problem into one clear line."""
     from .models import ModelError, choose
@@ -160,6 +171,7 @@ def _add_files(store, files, folders, model_name, weights, precision, runtime, b
 
     one_blas_thread()
     started = time.perf_counter()
+    check_upkeep_settings(store)
     model = load_model(store, model_name, weights, precision, runtime)
     upkeep = Upkeep(store, refresh_map=False)
     ingester = Ingester(
@@ -326,6 +338,7 @@ def _watcher(folder, db_path, model_name, weights, precision, runtime, poll, res
     one_blas_thread()
     status = status or StatusLine()
     store = open_store(db_path)
+    check_upkeep_settings(store)
     model = load_model(store, model_name, weights, precision, runtime)
     store.close()
     watcher = Watcher(
@@ -765,6 +778,7 @@ def import_(folder, db_path):
     from .upkeep import Upkeep
 
     store = open_store(db_path)
+    check_upkeep_settings(store)
     upkeep = Upkeep(store, refresh_map=False)
     try:
         with click.progressbar(length=count_rows(folder), label="Importing", show_pos=True,
