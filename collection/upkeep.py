@@ -11,6 +11,7 @@ import threading
 from . import duplicates, projection
 from .index import Indexer
 from .matches import stop_filling, update_matches
+from .search import open_index
 from .store import Store
 
 
@@ -37,6 +38,13 @@ class Upkeep:
         self._stopping = stopping or threading.Event()
 
     def after_batch(self, ids: list[int]) -> None:
+        if open_index(self.store.path).streamed:
+            # A large collection from before the index, until its first segment (started
+            # at once) is built: each query would read every vector, so what asks many
+            # waits. The change logs keep what matches and duplicates must catch up
+            # with; the map places these images at its next recompute.
+            self.indexer.check()
+            return
         update_matches(self.store, ids)
         self.indexer.check()
         projection.place_new(self.store, ids)
