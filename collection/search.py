@@ -38,6 +38,9 @@ MIN_SCORE = 0.0
 # a query asks every segment, so small ones must be cheap)
 SEARCH_K = 1000
 SEARCH_SHARE = 0.02  # ... or this share of the segment's items, whichever is more
+# Candidates a segment of reduced vectors (index.REDUCED_DIMENSIONS) gives per query, all
+# rescored by their full vectors.
+RERANK = 50
 # Without any segment (a collection from before the index, until its first build ends)
 # the searcher keeps up to this many live vectors in memory; past it, each query reads
 # them from SQLite STREAM_CHUNK at a time, so memory stays bounded at a million images
@@ -80,6 +83,7 @@ class Segment:
     record: dict
     annoy: AnnoyIndex
     ids: np.ndarray
+    reduction: np.ndarray | None = None  # (d, reduced): the segment's PCA, when it has one
 
 
 class Tail:
@@ -320,16 +324,17 @@ class Searcher:
     def _open_segments(self, segments: list[dict]) -> tuple[Segment, ...] | None:
         loaded = []
         for record in segments:
-            annoy = AnnoyIndex(int(self._record["index_dimensions"]), "angular")
+            annoy = AnnoyIndex(int(record.get("reduced") or self._record["index_dimensions"]), "angular")
             try:
                 annoy.load(str(self.folder / f"{record['name']}.annoy"))
                 ids = np.asarray(load_ids(self.folder, record))
+                reduction = np.load(self.folder / f"{record['name']}.pca.npy") if record.get("reduced") else None
             except OSError:
                 annoy.unload()
                 for segment in loaded:
                     segment.annoy.unload()
                 return None
-            loaded.append(Segment(record, annoy, ids))
+            loaded.append(Segment(record, annoy, ids, reduction))
         return tuple(loaded)
 
     def _swap(self, segments: tuple[Segment, ...], covered: int, key: tuple) -> None:
@@ -458,24 +463,32 @@ class Searcher:
     def _search_segments(self, state: State, vector: np.ndarray, want: int) -> dict[int, float]:
         """Each segment's nearest, stale and dead copies left out, rescored exactly from
         the stored vectors."""
-        query = vector.tolist()
         n = want
+        reduced = any(segment.reduction is not None for segment in state.segments)
+        queries = [
+            (vector if segment.reduction is None else vector @ segment.reduction).tolist()
+            for segment in state.segments
+        ]
         while True:
             estimate: dict[int, float] = {}
             exhausted = True
-            for segment in state.segments:
+            # A reduced segment's scores only rank its candidates: it gives RERANK of
+            # them for the full vectors to decide among.
+            for segment, query in zip(state.segments, queries):
                 search_k = self.search_k or search_k_for(segment.record["items"])
                 search_k = max(search_k, n * segment.record["n_trees"])
-                ids, distances = segment.annoy.get_nns_by_vector(query, n, search_k=search_k, include_distances=True)
-                exhausted &= len(ids) < n
+                ask = n if segment.reduction is None else max(n, RERANK)
+                ids, distances = segment.annoy.get_nns_by_vector(query, ask, search_k=search_k, include_distances=True)
+                exhausted &= len(ids) < ask
                 for image_id, distance in zip(ids, distances):
                     if image_id not in state.skip:
                         score = 1 - distance * distance / 2
                         if score > estimate.get(image_id, -2.0):
                             estimate[image_id] = score
-            # Annoy's score is exact for a current copy; a stale one (re-embedded into a
-            # newer segment) may rank wrong, so rescore twice as many as are wanted.
-            candidates = heapq.nlargest(2 * n, estimate, key=estimate.__getitem__)
+            # Annoy's score is exact for a current copy of a full vector; a stale one
+            # (re-embedded into a newer segment) may rank wrong, so rescore twice as many
+            # as are wanted (RERANK, when a segment is reduced).
+            candidates = heapq.nlargest(max(2 * n, RERANK if reduced else 0), estimate, key=estimate.__getitem__)
             rows = self._thread_conn().execute(
                 _LIVE_VECTORS,
                 [json.dumps(candidates), state.model],
