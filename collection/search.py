@@ -464,22 +464,26 @@ class Searcher:
         """Each segment's nearest, stale and dead copies left out, rescored exactly from
         the stored vectors."""
         n = want
-        reduced = any(segment.reduction is not None for segment in state.segments)
         queries = [
             (vector if segment.reduction is None else vector @ segment.reduction).tolist()
             for segment in state.segments
         ]
         while True:
             estimate: dict[int, float] = {}
+            reranked: set[int] = set()
             exhausted = True
-            # A reduced segment's scores only rank its candidates: it gives RERANK of
-            # them for the full vectors to decide among.
             for segment, query in zip(state.segments, queries):
                 search_k = self.search_k or search_k_for(segment.record["items"])
                 search_k = max(search_k, n * segment.record["n_trees"])
                 ask = n if segment.reduction is None else max(n, RERANK)
                 ids, distances = segment.annoy.get_nns_by_vector(query, ask, search_k=search_k, include_distances=True)
                 exhausted &= len(ids) < ask
+                mine = [image_id for image_id in ids if image_id not in state.skip]
+                if segment.reduction is not None:
+                    # Scores in a segment's own PCA rank only its own candidates (another
+                    # PCA may not span the query's directions): each gives its best.
+                    reranked.update(mine)
+                    continue
                 for image_id, distance in zip(ids, distances):
                     if image_id not in state.skip:
                         score = 1 - distance * distance / 2
@@ -487,8 +491,8 @@ class Searcher:
                             estimate[image_id] = score
             # Annoy's score is exact for a current copy of a full vector; a stale one
             # (re-embedded into a newer segment) may rank wrong, so rescore twice as many
-            # as are wanted (RERANK, when a segment is reduced).
-            candidates = heapq.nlargest(max(2 * n, RERANK if reduced else 0), estimate, key=estimate.__getitem__)
+            # as are wanted, with every candidate of a reduced segment.
+            candidates = sorted(reranked.union(heapq.nlargest(2 * n, estimate, key=estimate.__getitem__)))
             rows = self._thread_conn().execute(
                 _LIVE_VECTORS,
                 [json.dumps(candidates), state.model],
