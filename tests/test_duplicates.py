@@ -451,6 +451,8 @@ def test_review_page_in_chromium(photos, tmp_path):
                 assert chelsea.locator(".dup-keeper").get_attribute("data-image-id") == str(ids["chelsea-half.jpg"])
                 assert page.get_by_text(HOSTILE).count() == 1  # shown as text, never as markup
                 page.get_by_role("link", name="exact (4)").click()
+                page.wait_for_url("**tier=exact")
+                page.wait_for_load_state()  # count on the new page, not mid-navigation
                 assert page.locator(".dup-group").count() == 4
                 page.goto(f"{base}/-/duplicates?tier=near")
                 (ROOT / "screenshots").mkdir(exist_ok=True)
