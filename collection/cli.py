@@ -581,7 +581,9 @@ def duplicates(db_path, tier, as_json, as_csv):
         raise click.UsageError("choose one of --json and --csv")
     store = open_store(db_path, create=False)
     try:
-        dups.update(store)  # catch up with anything written since the last batch's upkeep
+        # catch up with anything written since the last batch's upkeep; a collection never
+        # grouped is grouped here (the watcher would do it in the background)
+        dups.update(store, background=False)
     except dups.DuplicatesError as e:
         raise click.ClickException(str(e)) from None
     columns = ("tier", "group_id", "image_id", "role", "decision", "score", "path", "width", "height",

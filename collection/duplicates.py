@@ -138,20 +138,21 @@ def layout_similarity(a: np.ndarray, b: np.ndarray) -> float:
 # --- keeping the groups current --------------------------------------------------------
 
 
-def update(store: Store, ids: Iterable[int] = ()) -> int:
+def update(store: Store, ids: Iterable[int] = (), background: bool = True) -> int:
     """Bring ``duplicate_groups`` up to date after committed writes; returns how many
     images were re-decided. ``ids`` are joined by every id the change log names, so a
     change made elsewhere is caught too. Thresholds other than those the groups were
     made with, or a database that never had groups (one from before them), mean a
     regrouping from scratch: at once for a small collection, else in the background
-    (returning 0), never inside an ``add``; the groups then fill as it goes."""
+    (returning 0), never inside an ``add``; the groups then fill as it goes. With
+    ``background`` False (a command that lists the groups) it regroups here."""
     config = thresholds(store.model)
     done = store.get_meta("duplicates_seq")
     if done is None or store.get_meta("duplicates_thresholds") != json.dumps(config, sort_keys=True):
         live = store.db.execute(
             "select count(*) from (select 1 from images where deleted_at is null limit ?)", [GROUP_AT_ONCE + 1]
         ).fetchone()[0]
-        if live > GROUP_AT_ONCE:
+        if background and live > GROUP_AT_ONCE:
             regroup_in_background(store.path)
             return 0
         return regroup(store)
@@ -205,10 +206,21 @@ def regroup(store: Store, stop: threading.Event | None = None) -> int:
             # are decided in their own chunk, in id order, so none is decided early.
             grouper = _Grouper(store, config, fresh=False, upto=chunk[-1])
             grouper.run(chunk)
+            before = json.dumps(progress)
             progress["after"] = chunk[-1]
             with store.db.atomic():
-                grouper.write()
-                store.set_meta("duplicates_fill", json.dumps(progress))
+                # Another process regrouping too (`collection duplicates` beside the
+                # watcher) may have moved on: then this chunk was decided on an old
+                # table; go on from where it got to.
+                current = store.get_meta("duplicates_fill")
+                if current == before:
+                    grouper.write()
+                    store.set_meta("duplicates_fill", json.dumps(progress))
+            if current != before:
+                if current is None:  # it finished
+                    return decided
+                progress = json.loads(current)
+                continue
             decided += grouper.decided
             if on_regroup_chunk is not None:
                 on_regroup_chunk(len(chunk))
