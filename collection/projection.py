@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .store import Store, make_projection_next, now, swap_projection
+from .store import Store, drop_old_projection, make_projection_next, now, swap_projection
 
 METHODS = ("auto", "tsne", "pca")  # what can be asked for; auto may also give "tsne-sample"
 METHOD_NAMES = {
@@ -298,7 +298,7 @@ def project(
     with _write_lock(store):
         _check(stopping)
         _check_writer(store, writer)
-        # Short at any size: a rename, the old map's pages freed, and a new side table.
+        # Short at any size: renames and a new side table; the old map goes after, in chunks.
         swap_projection(store.db.conn, uuid.uuid4().hex[:8])
         version = int(store.get_meta("projection_version") or 0) + 1
         for key, value in {
@@ -312,6 +312,7 @@ def project(
         }.items():
             store.set_meta(f"projection_{key}", value)
         store.db.execute("delete from collection_meta where key = 'projection_writer'")
+    drop_old_projection(store.db.conn)
     # The watcher may have added or changed images while the layout ran: place them now.
     late = [
         row[0] for row in store.db.execute(f"select images.id {_LIVE_VECTORS} and {_OFF_THE_MAP}")

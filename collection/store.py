@@ -384,17 +384,30 @@ def make_projection_next(conn: sqlite3.Connection, generation: str) -> None:
 
 
 def swap_projection(conn: sqlite3.Connection, generation: str) -> None:
-    """Inside the caller's write transaction: ``projection_next`` becomes ``projection``
-    (the old map's pages go to the free list) and a new empty side table is made. The
-    triggers on ``images`` name both tables in their bodies; the legacy rename leaves
-    those names as they are, so each keeps acting on the table that now has its name."""
-    conn.execute("drop table projection")
+    """Inside the caller's write transaction: ``projection_next`` becomes ``projection``,
+    the old map ``projection_old`` (for `drop_old_projection`, outside it), and a new empty
+    side table is made: renames, quick at any size. The triggers on ``images`` name the
+    tables in their bodies; the legacy rename leaves those names as they are, so each
+    keeps acting on the table that now has its name."""
+    conn.execute("drop table if exists projection_old")  # left by a process that stopped
     conn.execute("pragma legacy_alter_table = on")
     try:
+        conn.execute("alter table projection rename to projection_old")
         conn.execute("alter table projection_next rename to projection")
     finally:
         conn.execute("pragma legacy_alter_table = off")
     make_projection_next(conn, generation)
+
+
+def drop_old_projection(conn: sqlite3.Connection, rows: int = 5000) -> None:
+    """Empty the replaced map ``rows`` at a time, each in its own transaction, then drop
+    it: dropping a million rows at once would hold the write lock for a second."""
+    while conn.execute("select 1 from sqlite_master where type = 'table' and name = 'projection_old'").fetchone():
+        with conn:
+            if not conn.execute(
+                "delete from projection_old where rowid in (select rowid from projection_old limit ?)", [rows]
+            ).rowcount:
+                conn.execute("drop table projection_old")
 
 
 # Ids per statement: far under SQLite's smallest variable limit (999 before 3.32).

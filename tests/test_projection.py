@@ -468,6 +468,7 @@ def test_a_recompute_writes_the_map_in_bounded_transactions_beside_a_writer(coll
     assert set(new) == set(members) - {victim}
     assert store.get_meta("projection_method") == "tsne"
     assert store.db.execute("select count(*) from projection_next").fetchone()[0] == 0
+    assert "projection_old" not in store.db.table_names()  # emptied in chunks, then dropped
     assert projection.map_data(store.db.conn)["lod"]["total"] == len(members) - 1
 
 
