@@ -64,7 +64,10 @@ BUILD_JOBS = max(1, (os.cpu_count() or 1) // 4)
 REDUCED_DIMENSIONS = 128
 PCA_SAMPLE = 20_000  # vectors a segment's PCA is fitted on
 STREAM_CHUNK = 4096  # vectors read at a time while building
-FILES = (".annoy", ".ids.npy", ".pca.npy")  # what makes a segment (.pca.npy when reduced)
+# What makes a segment: .pca.npy when reduced; .vectors.npy the full vectors in the ids'
+# order, memory-mapped by the searcher to rerank candidates (a SQLite read of 50 vectors
+# took 6 ms at 1M images, most of a query).
+FILES = (".annoy", ".ids.npy", ".pca.npy", ".vectors.npy")
 _TMP = ".tmp"
 
 log = logging.getLogger(__name__)
@@ -266,6 +269,7 @@ def build(
                         "dead": 0,
                         "n_trees": n_trees,
                         "reduced": built["reduced"],
+                        "vectors": True,
                         "built_at": now(),
                         "seconds": round(time.perf_counter() - started, 3),
                     }
@@ -353,13 +357,21 @@ def _write_segment(
     annoy = AnnoyIndex(REDUCED_DIMENSIONS if reduction is not None else dimensions, "angular")
     annoy.set_seed(seed)
     annoy.on_disk_build(str(folder / f"{name}.annoy{_TMP}"))  # items go to the file, not to memory
+    copies = np.lib.format.open_memmap(
+        folder / f"{name}.vectors.npy{_TMP}", mode="w+", dtype="<f4", shape=(len(ids), dimensions)
+    )
     rows = conn.execute(f"select v.image_id, v.vector {live}", params)
+    done = 0
     while chunk := rows.fetchmany(STREAM_CHUNK):
         matrix = np.frombuffer(b"".join(blob for _, blob in chunk), "<f4").reshape(len(chunk), -1)
+        copies[done : done + len(chunk)] = matrix
+        done += len(chunk)
         if reduction is not None:
             matrix = matrix @ reduction
         for (image_id, _), vector in zip(chunk, matrix.tolist()):  # a list is 2x faster to add
             annoy.add_item(image_id, vector)
+    copies.flush()
+    del copies
     with open(folder / f"{name}.ids.npy{_TMP}", "wb") as f:
         np.save(f, ids)
     return {"annoy": annoy, "items": len(ids), "dimensions": dimensions,

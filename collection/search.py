@@ -84,6 +84,7 @@ class Segment:
     annoy: AnnoyIndex
     ids: np.ndarray
     reduction: np.ndarray | None = None  # (d, reduced): the segment's PCA, when it has one
+    vectors: np.ndarray | None = None  # its full vectors in the ids' order, memory-mapped
 
 
 class Tail:
@@ -329,12 +330,17 @@ class Searcher:
                 annoy.load(str(self.folder / f"{record['name']}.annoy"))
                 ids = np.asarray(load_ids(self.folder, record))
                 reduction = np.load(self.folder / f"{record['name']}.pca.npy") if record.get("reduced") else None
+                vectors = (
+                    np.load(self.folder / f"{record['name']}.vectors.npy", mmap_mode="r")
+                    if record.get("vectors")
+                    else None  # built by an older version: candidates are read from SQLite
+                )
             except OSError:
                 annoy.unload()
                 for segment in loaded:
                     segment.annoy.unload()
                 return None
-            loaded.append(Segment(record, annoy, ids, reduction))
+            loaded.append(Segment(record, annoy, ids, reduction, vectors))
         return tuple(loaded)
 
     def _swap(self, segments: tuple[Segment, ...], covered: int, key: tuple) -> None:
@@ -471,6 +477,7 @@ class Searcher:
         while True:
             estimate: dict[int, float] = {}
             reranked: set[int] = set()
+            scored: dict[int, float] = {}
             exhausted = True
             for segment, query in zip(state.segments, queries):
                 search_k = self.search_k or search_k_for(segment.record["items"])
@@ -479,6 +486,15 @@ class Searcher:
                 ids, distances = segment.annoy.get_nns_by_vector(query, ask, search_k=search_k, include_distances=True)
                 exhausted &= len(ids) < ask
                 mine = [image_id for image_id in ids if image_id not in state.skip]
+                if segment.vectors is not None:
+                    # Every candidate scored by its full vector, from the segment's own copy:
+                    # current, since the stale and the deleted are in state.skip.
+                    if mine:
+                        rows = np.searchsorted(segment.ids, mine)
+                        order = np.argsort(rows)
+                        scores = np.asarray(segment.vectors[rows[order]]) @ vector
+                        scored.update((mine[i], float(score)) for i, score in zip(order, scores))
+                    continue
                 if segment.reduction is not None:
                     # Scores in a segment's own PCA rank only its own candidates (another
                     # PCA may not span the query's directions): each gives its best.
@@ -489,22 +505,25 @@ class Searcher:
                         score = 1 - distance * distance / 2
                         if score > estimate.get(image_id, -2.0):
                             estimate[image_id] = score
-            # Annoy's score is exact for a current copy of a full vector; a stale one
-            # (re-embedded into a newer segment) may rank wrong, so rescore twice as many
-            # as are wanted, with every candidate of a reduced segment.
+            # Segments from before the vector copies: Annoy's score is exact for a current
+            # copy of a full vector; a stale one (re-embedded into a newer segment) may rank
+            # wrong, so rescore from SQLite twice as many as are wanted, with every
+            # candidate of a reduced segment.
             candidates = sorted(reranked.union(heapq.nlargest(2 * n, estimate, key=estimate.__getitem__)))
-            rows = self._thread_conn().execute(
-                _LIVE_VECTORS,
-                [json.dumps(candidates), state.model],
-            ).fetchall()
+            rows = []
+            if candidates:
+                rows = self._thread_conn().execute(
+                    _LIVE_VECTORS,
+                    [json.dumps(candidates), state.model],
+                ).fetchall()
             # Deleted images crowd the answer until compaction: ask for more until enough remain.
-            if len(rows) >= want or exhausted:
+            if len(rows) + len(scored) >= want or exhausted:
                 break
             n *= 4
-        if not rows:
-            return {}
-        scores = np.stack([decode(blob) for _, blob in rows]) @ vector
-        return {image_id: float(score) for (image_id, _), score in zip(rows, scores)}
+        if rows:
+            scores = np.stack([decode(blob) for _, blob in rows]) @ vector
+            scored.update((image_id, float(score)) for (image_id, _), score in zip(rows, scores))
+        return scored
 
 
 _searchers: dict[str, Searcher] = {}
