@@ -296,9 +296,45 @@ def backfill(
     return rows
 
 
+def add_vector_copies(db_path: Path) -> int:
+    """Give segments built before the vector copies (index.FILES) their ``.vectors.npy``,
+    from SQLite, and mark them in the record: a kept backfill from an older version then
+    measures as one built now would. Returns how many segments got one."""
+    import sqlite3
+
+    from collection.index import index_path, load_ids
+
+    folder = index_path(db_path)
+    conn = sqlite3.connect(db_path)
+    segments = json.loads(conn.execute("select value from collection_meta where key = 'index_segments'").fetchone()[0])
+    added = 0
+    for segment in segments:
+        if segment.get("vectors"):
+            continue
+        ids = np.asarray(load_ids(folder, segment))
+        dims = conn.execute("select length(vector) / 4 from vectors where image_id = ?", [int(ids[0])]).fetchone()[0]
+        out = np.lib.format.open_memmap(folder / f"{segment['name']}.vectors.npy", mode="w+", dtype="<f4",
+                                        shape=(len(ids), dims))
+        for start in range(0, len(ids), 500):
+            part = ids[start : start + 500]
+            blobs = dict(conn.execute("select image_id, vector from vectors where image_id in (select value from "
+                                      "json_each(?))", [json.dumps(part.tolist())]))
+            out[start : start + len(part)] = np.stack([np.frombuffer(blobs[int(i)], "<f4") for i in part])
+        out.flush()
+        segment["vectors"] = True
+        added += 1
+    with conn:
+        conn.execute("update collection_meta set value = ? where key = 'index_segments'", [json.dumps(segments)])
+    conn.close()
+    return added
+
+
 def measure_kept(x: np.ndarray, queries: int, folder: Path) -> list[dict]:
     """The searcher over a backfill that --keep left: the last stage again (e.g. alone,
     under an exclusive lock, after a build run beside other work)."""
+    added = add_vector_copies(folder / "backfill.db")
+    if added:
+        print(f"  {added} segments from before the vector copies got theirs", flush=True)
     size = len(x)
     searcher = Searcher(folder / "backfill.db")
     status = searcher.status()
