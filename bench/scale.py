@@ -16,7 +16,7 @@ written with the same SQL and triggers as the write path. Then, on a copy of it:
    each is searchable (its row committed and found by the searcher), p50/p95;
 3. `collection serve` (on the collection after step 1): p50/p95 over --requests keep-alive requests each of the images
    table page, the label facet (checked present with correct counts), a label filter,
-   a similar page and its JSON, and the map page's data.
+   a similar page and its JSON, and the map page's first data and a zoomed-in box.
 
 The machine is small and shared: run the sizes that fit and say which ran.
 """
@@ -285,7 +285,9 @@ def run_serve(db_path: Path, requests: int) -> list[tuple[str, list[float]]]:
          lambda i: f"/collection/images?_label={label[0].replace(' ', '+')}" if label else "/collection/images"),
         ("similar page", lambda i: f"/-/similar/{ids[i % len(ids)]}"),
         ("similar JSON", lambda i: f"/-/similar/{ids[i % len(ids)]}.json"),
-        ("map data", lambda i: "/-/map.json"),
+        ("map first data", lambda i: "/-/map.json"),
+        # zoomed in: a box around one cluster's spot, as the page asks when it zooms
+        ("map data, zoomed box", lambda i: f"/-/map.json?box={0.3 + 0.004 * (i % 50):.3f},0.3,{0.5 + 0.004 * (i % 50):.3f},0.5"),
     ]
     results = []
     try:

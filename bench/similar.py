@@ -26,7 +26,10 @@ collection: the database checks, the exact remainder, the rescoring) up to 100k.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +45,12 @@ from collection.store import Store  # noqa: E402
 D = 2048
 K = 10
 CHUNK = 10_000
+
+
+def cpu_flags() -> None:
+    flags = subprocess.run("grep -o -w 'avx512[a-z_0-9]*\\|avx2\\|amx[a-z_]*' /proc/cpuinfo | sort -u | tr '\\n' ' '",
+                           shell=True, capture_output=True, text=True).stdout.strip()
+    print(f"CPU: {os.cpu_count()} cores, flags: {flags or 'none of avx2/avx512/amx'}")
 
 
 def parse_size(text: str) -> int:
@@ -287,15 +296,81 @@ def backfill(
     return rows
 
 
+def add_vector_copies(db_path: Path) -> int:
+    """Give segments built before the vector copies (index.FILES) their ``.vectors.npy``,
+    from SQLite, and mark them in the record: a kept backfill from an older version then
+    measures as one built now would. Returns how many segments got one."""
+    import sqlite3
+
+    from collection.index import index_path, load_ids
+
+    folder = index_path(db_path)
+    conn = sqlite3.connect(db_path)
+    segments = json.loads(conn.execute("select value from collection_meta where key = 'index_segments'").fetchone()[0])
+    added = 0
+    for segment in segments:
+        if segment.get("vectors"):
+            continue
+        ids = np.asarray(load_ids(folder, segment))
+        dims = conn.execute("select length(vector) / 4 from vectors where image_id = ?", [int(ids[0])]).fetchone()[0]
+        out = np.lib.format.open_memmap(folder / f"{segment['name']}.vectors.npy", mode="w+", dtype="<f4",
+                                        shape=(len(ids), dims))
+        for start in range(0, len(ids), 500):
+            part = ids[start : start + 500]
+            blobs = dict(conn.execute("select image_id, vector from vectors where image_id in (select value from "
+                                      "json_each(?))", [json.dumps(part.tolist())]))
+            out[start : start + len(part)] = np.stack([np.frombuffer(blobs[int(i)], "<f4") for i in part])
+        out.flush()
+        segment["vectors"] = True
+        added += 1
+    with conn:
+        conn.execute("update collection_meta set value = ? where key = 'index_segments'", [json.dumps(segments)])
+    conn.close()
+    return added
+
+
+def measure_kept(x: np.ndarray, queries: int, folder: Path) -> list[dict]:
+    """The searcher over a backfill that --keep left: the last stage again (e.g. alone,
+    under an exclusive lock, after a build run beside other work)."""
+    added = add_vector_copies(folder / "backfill.db")
+    if added:
+        print(f"  {added} segments from before the vector copies got theirs", flush=True)
+    size = len(x)
+    searcher = Searcher(folder / "backfill.db")
+    status = searcher.status()
+    searcher.similar(1, K)  # loads the segments
+    picked = np.random.default_rng(size).choice(size, min(queries, size), replace=False)
+    truth = exact_top(x, picked)
+    measured = run_queries(picked, truth, lambda q: [i - 1 for i, _ in searcher.similar(int(q) + 1, K)])
+    sizes = "/".join(str(s.record["items"] // 1000) + "k" for s in searcher._state.segments)
+    searcher.close()
+    built = json.loads((folder / "done").read_text())
+    return [{"size": size, "segments": status["segments"], "sizes": sizes, "tail": status["unindexed"],
+             "builds": built["builds"], "build": built["build"], "read": built["read"], **measured}]
+
+
 def main_backfill(args) -> None:
     size = parse_size(args.backfill)
     stages = sorted({s for s in (parse_size(t) for t in args.stages.split(",")) if s < size} | {size})
     print(
         f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; command: {' '.join(sys.argv)}"
     )
-    with tempfile.TemporaryDirectory(dir=args.tmp, prefix="bench-backfill-") as tmp:
-        x = vectors(size, Path(tmp) / "vectors.npy", d=args.dims, growing=True)
-        rows = backfill(x, stages, args.batch, int(args.trees), args.queries, Path(tmp))
+    cpu_flags()
+    with contextlib.ExitStack() as stack:
+        if args.keep:
+            tmp = Path(args.keep)
+            tmp.mkdir(parents=True, exist_ok=True)
+        else:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=args.tmp, prefix="bench-backfill-")))
+        if args.keep and (tmp / "done").exists():
+            x = np.load(tmp / "vectors.npy", mmap_mode="r")
+            rows = measure_kept(x, args.queries, tmp)
+        else:
+            x = vectors(size, tmp / "vectors.npy", d=args.dims, growing=True)
+            rows = backfill(x, stages, args.batch, int(args.trees), args.queries, tmp)
+            if args.keep:
+                last = rows[-1]
+                (tmp / "done").write_text(json.dumps({k: last[k] for k in ("builds", "build", "read")}))
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}\n")
     print(
         f"{args.dims}-d clustered vectors, batches of {args.batch}, {args.trees} trees, "
@@ -329,13 +404,21 @@ def main() -> None:
     parser.add_argument("--stages", default="10k,50k,100k,200k,500k", help="backfill sizes to measure at")
     parser.add_argument("--batch", type=int, default=1000, help="backfill vectors per committed batch")
     parser.add_argument("--dims", type=int, default=D, help="vector dimensions")
+    parser.add_argument(
+        "--keep",
+        help="with --backfill: keep the collection in this folder; run again, it measures the last stage only",
+    )
     args = parser.parse_args()
+    from collection.search import one_blas_thread
+
+    one_blas_thread()  # as the server and the watcher run queries
     if args.backfill:
         return main_backfill(args)
     trees = [int(t) for t in args.trees.split(",")]
     print(
         f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; command: {' '.join(sys.argv)}"
     )
+    cpu_flags()
     rows = []
     for size in [parse_size(s) for s in args.sizes.split(",")]:
         with tempfile.TemporaryDirectory(dir=args.tmp, prefix="bench-similar-") as tmp:

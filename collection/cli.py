@@ -91,6 +91,17 @@ def open_store(db_path: str, create: bool = True) -> Store:
         raise click.ClickException(str(e)) from None
 
 
+def check_upkeep_settings(store: Store) -> None:
+    """The settings each batch's upkeep reads from the environment (duplicate thresholds),
+    checked before any work starts: a bad one is one clear line, not an error per batch."""
+    from .duplicates import DuplicatesError, thresholds
+
+    try:
+        thresholds(store.model)
+    except DuplicatesError as e:
+        raise click.ClickException(str(e)) from None
+
+
 def load_model(store: Store, name: str, weights: str | None, precision: str, runtime: str | None = None):
     """Resolve and build the model, turning every model problem into one clear line."""
     from .models import ModelError, choose
@@ -159,6 +170,7 @@ def _add_files(store, files, folders, model_name, weights, precision, runtime, b
 
     one_blas_thread()
     started = time.perf_counter()
+    check_upkeep_settings(store)
     model = load_model(store, model_name, weights, precision, runtime)
     # Matches, duplicates and the index catch up after each batch on a thread of their
     # own, while the next batch is decoded and embedded.
@@ -330,6 +342,7 @@ def _watcher(folder, db_path, model_name, weights, precision, runtime, poll, res
     one_blas_thread()
     status = status or StatusLine()
     store = open_store(db_path)
+    check_upkeep_settings(store)
     # Shared with the image-search channel (embedder.serving): one forward pass at a time.
     model = serialised(load_model(store, model_name, weights, precision, runtime))
     store.close()
@@ -598,7 +611,9 @@ def duplicates(db_path, tier, as_json, as_csv):
         raise click.UsageError("choose one of --json and --csv")
     store = open_store(db_path, create=False)
     try:
-        dups.update(store)  # catch up with anything written since the last batch's upkeep
+        # catch up with anything written since the last batch's upkeep; a collection never
+        # grouped is grouped here (the watcher would do it in the background)
+        dups.update(store, background=False)
     except dups.DuplicatesError as e:
         raise click.ClickException(str(e)) from None
     columns = ("tier", "group_id", "image_id", "role", "decision", "score", "path", "width", "height",
@@ -809,6 +824,7 @@ def import_(folder, db_path):
 
     one_blas_thread()  # as in `add`: the upkeep's many small products, on two busy cores
     store = open_store(db_path)
+    check_upkeep_settings(store)
     upkeep = Upkeep(store, refresh_map=False)
     try:
         with click.progressbar(length=count_rows(folder), label="Importing", show_pos=True,

@@ -36,9 +36,12 @@ from __future__ import annotations
 import heapq
 import io
 import json
+import logging
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -73,6 +76,17 @@ MAX_NEIGHBOURS = 1000
 _CACHED_VECTORS = 5_000  # memory bound of one pass: 50-80 MB of float64 vectors
 _MARGIN = 1e-4  # the searcher scores in float32; ask it for a little below the threshold
 DECISIONS = ("keep", "not_duplicate", "ignore")
+# A collection with no groups yet (or new thresholds) this small is grouped inside the
+# batch's upkeep; a larger one in a background thread, REGROUP_CHUNK images per transaction.
+GROUP_AT_ONCE = 2000
+REGROUP_CHUNK = 500
+# Called with the images of each chunk a regrouping commits: a hook for tests.
+on_regroup_chunk: Callable[[int], None] | None = None
+
+log = logging.getLogger(__name__)
+_locks: dict[str, threading.Lock] = {}  # one writer of a database's groups per process
+_regroupers: dict[str, tuple[threading.Thread, threading.Event]] = {}
+_registry_lock = threading.Lock()
 
 
 class DuplicatesError(Exception):
@@ -124,19 +138,33 @@ def layout_similarity(a: np.ndarray, b: np.ndarray) -> float:
 # --- keeping the groups current --------------------------------------------------------
 
 
-def update(store: Store, ids: Iterable[int] = ()) -> int:
+def update(store: Store, ids: Iterable[int] = (), background: bool = True) -> int:
     """Bring ``duplicate_groups`` up to date after committed writes; returns how many
     images were re-decided. ``ids`` are joined by every id the change log names, so a
     change made elsewhere is caught too. Thresholds other than those the groups were
-    made with, or a database that never had groups, mean a regrouping from scratch."""
+    made with, or a database that never had groups (one from before them), mean a
+    regrouping from scratch: at once for a small collection, else in the background
+    (returning 0), never inside an ``add``; the groups then fill as it goes. With
+    ``background`` False (a command that lists the groups) it regroups here."""
     config = thresholds(store.model)
     done = store.get_meta("duplicates_seq")
     if done is None or store.get_meta("duplicates_thresholds") != json.dumps(config, sort_keys=True):
+        live = store.db.execute(
+            "select count(*) from (select 1 from images where deleted_at is null limit ?)", [GROUP_AT_ONCE + 1]
+        ).fetchone()[0]
+        if background and live > GROUP_AT_ONCE:
+            regroup_in_background(store.path)
+            return 0
         return regroup(store)
+    with _lock_for(store.path):
+        return _update(store, config, int(done), ids)
+
+
+def _update(store: Store, config: dict[str, float], done: int, ids: Iterable[int]) -> int:
     upto = _last_change(store.db.conn)
     changed = {int(i) for i in ids}
     changed.update(
-        r[0] for r in store.db.execute("select image_id from duplicate_changes where seq > ?", [int(done)])
+        r[0] for r in store.db.execute("select image_id from duplicate_changes where seq > ?", [done])
     )
     if not changed:
         return 0
@@ -148,18 +176,103 @@ def update(store: Store, ids: Iterable[int] = ()) -> int:
     return grouper.decided
 
 
-def regroup(store: Store) -> int:
-    """Group every live image from scratch (the first time, or after a threshold changed)."""
+def regroup(store: Store, stop: threading.Event | None = None) -> int:
+    """Group every live image from scratch (the first time, or after a threshold
+    changed), REGROUP_CHUNK images per transaction in id order, resuming where an
+    earlier regrouping with the same thresholds stopped (``duplicates_fill`` in
+    collection_meta), then catch up with the changes made meanwhile. Returns how many
+    images were decided; stops after a chunk when ``stop`` is set."""
     config = thresholds(store.model)
-    upto = _last_change(store.db.conn)
-    live = [r[0] for r in store.db.execute("select id from images where deleted_at is null order by id")]
-    grouper = _Grouper(store, config, fresh=True)
-    grouper.run(live)
-    with store.db.atomic():
-        store.db.execute("delete from duplicate_groups")
-        grouper.write()
-        _finish(store, config, upto)
-    return grouper.decided
+    key = json.dumps(config, sort_keys=True)
+    with _lock_for(store.path):
+        progress = json.loads(store.get_meta("duplicates_fill") or "null")
+        if progress is None or progress["config"] != key:
+            progress = {"seq": _last_change(store.db.conn), "after": 0, "config": key}
+            with store.db.atomic():
+                store.db.execute("delete from duplicate_groups")
+                store.set_meta("duplicates_fill", json.dumps(progress))
+        decided = 0
+        while stop is None or not stop.is_set():
+            chunk = [
+                r[0]
+                for r in store.db.execute(
+                    "select id from images where deleted_at is null and id > ? order by id limit ?",
+                    [progress["after"], REGROUP_CHUNK],
+                )
+            ]
+            if not chunk:
+                break
+            # The groups of the images before the chunk are in the table; those after it
+            # are decided in their own chunk, in id order, so none is decided early.
+            grouper = _Grouper(store, config, fresh=False, upto=chunk[-1])
+            grouper.run(chunk)
+            before = json.dumps(progress)
+            progress["after"] = chunk[-1]
+            with store.db.atomic():
+                # Another process regrouping too (`collection duplicates` beside the
+                # watcher) may have moved on: then this chunk was decided on an old
+                # table; go on from where it got to.
+                current = store.get_meta("duplicates_fill")
+                if current == before:
+                    grouper.write()
+                    store.set_meta("duplicates_fill", json.dumps(progress))
+            if current != before:
+                if current is None:  # it finished
+                    return decided
+                progress = json.loads(current)
+                continue
+            decided += grouper.decided
+            if on_regroup_chunk is not None:
+                on_regroup_chunk(len(chunk))
+        else:
+            return decided
+        with store.db.atomic():
+            store.db.execute("delete from collection_meta where key = 'duplicates_fill'")
+            _finish(store, config, progress["seq"])
+        return decided + _update(store, config, progress["seq"], ())
+
+
+def regroup_in_background(db_path: str | Path) -> bool:
+    """Start ``regroup`` in a thread with its own connection unless one runs; True when started."""
+    key = os.path.realpath(db_path)
+    with _registry_lock:
+        running = _regroupers.get(key)
+        if running is not None and running[0].is_alive():
+            return False
+        stop = threading.Event()
+
+        def run() -> None:
+            store = Store(key)
+            try:
+                regroup(store, stop)
+            except Exception:  # the next batch starts it again
+                log.exception("grouping the duplicates of %s failed", key)
+            finally:
+                store.close()
+
+        thread = threading.Thread(target=run, name="duplicates-regroup", daemon=True)
+        _regroupers[key] = (thread, stop)
+        thread.start()
+        return True
+
+
+def stop_regrouping(db_path: str | Path, timeout: float | None = None) -> None:
+    """Stop a background regrouping after its current chunk (it resumes next time) and wait."""
+    running = _regroupers.get(os.path.realpath(db_path))
+    if running is not None:
+        running[1].set()
+        running[0].join(timeout)
+
+
+def wait_for_regroup(db_path: str | Path, timeout: float | None = None) -> None:
+    running = _regroupers.get(os.path.realpath(db_path))
+    if running is not None:
+        running[0].join(timeout)
+
+
+def _lock_for(db_path: str | Path) -> threading.Lock:
+    with _registry_lock:
+        return _locks.setdefault(os.path.realpath(db_path), threading.Lock())
 
 
 def _last_change(conn: sqlite3.Connection) -> int:
@@ -176,13 +289,14 @@ def _finish(store: Store, config: dict[str, float], upto: int) -> None:
 class _Grouper:
     """One pass of re-deciding images in id order, in memory until ``write``."""
 
-    def __init__(self, store: Store, config: dict[str, float], fresh: bool):
+    def __init__(self, store: Store, config: dict[str, float], fresh: bool, upto: int | None = None):
         from .index import open_index
 
         self.db = store.db
         self.searcher = open_index(store.path)
         self.config = config
         self.fresh = fresh  # from scratch: the table's current rows do not count
+        self.upto = upto  # a chunk of a regrouping: later images wait for their own chunk
         self.changed: set[int] = set()
         self.live: dict[int, np.ndarray | None] = {}  # id -> vector, None when not live
         self.layouts: dict[int, np.ndarray | None] = {}
@@ -209,6 +323,8 @@ class _Grouper:
             found = self._within(image_id)
             for tier in sorted(tiers):
                 for later in self._decide(tier, image_id, found):
+                    if self.upto is not None and later > self.upto:
+                        continue
                     if later not in pending:
                         pending[later] = set()
                         heapq.heappush(heap, later)

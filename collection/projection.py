@@ -20,6 +20,7 @@ import os
 import sqlite3
 import threading
 import time
+import uuid
 import zlib
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .store import Store, now
+from .store import Store, drop_old_projection, make_projection_next, now, swap_projection
 
 METHODS = ("auto", "tsne", "pca")  # what can be asked for; auto may also give "tsne-sample"
 METHOD_NAMES = {
@@ -60,8 +61,19 @@ AUTO_MAP_MIN = 50
 # a batch reads the batch's own vectors, however large the collection.
 on_vectors_read: Callable[[int], None] | None = None
 
-# The most images one answer of the map's data carries; past it, an even sample (map_data).
-MAP_POINTS = 50_000
+# Rows of a recomputed map written per transaction (into the side table, see _write_map),
+# so ingest waits at most one chunk's insert; on_map_write, a hook for tests, is called with
+# the rows of each such transaction.
+WRITE_CHUNK = 5_000
+on_map_write: Callable[[int], None] | None = None
+
+# Level of detail (map_data): the whole map's answer, the page's first data, carries at
+# most FIRST_POINTS images, an even sample past that, so the first draw is quick at any
+# size (at 1M images 50k points were 4 MB of JSON and 2 s); a zoomed-in box carries at
+# most MAP_POINTS, enough for the images in view (the page asks for twice the view's
+# width and height, and draws thumbnails below 1,500 in view).
+FIRST_POINTS = 5_000
+MAP_POINTS = 20_000
 
 TILE = 64  # pixels a side of one thumbnail in an atlas
 ATLAS_COLUMNS = 16
@@ -282,18 +294,12 @@ def project(
     )
     tiles = spatial_order(points)
     seconds = time.perf_counter() - start
-    _check(stopping)
+    writer = _write_map(store, ids, points, tiles, used, stopping)
     with _write_lock(store):
-        store.db.execute("delete from projection")
-        store.db.conn.executemany(
-            # an image deleted while the layout ran stays off the map
-            "insert into projection (image_id, method, x, y, placed, tile, sha256) "
-            "select ?1, ?2, ?3, ?4, 0, ?5, sha256 from images where id = ?1 and deleted_at is null",
-            (
-                (int(image_id), used, float(x), float(y), int(tile))
-                for image_id, (x, y), tile in zip(ids, points, tiles)
-            ),
-        )
+        _check(stopping)
+        _check_writer(store, writer)
+        # Short at any size: renames and a new side table; the old map goes after, in chunks.
+        swap_projection(store.db.conn, uuid.uuid4().hex[:8])
         version = int(store.get_meta("projection_version") or 0) + 1
         for key, value in {
             "version": version,
@@ -305,12 +311,53 @@ def project(
             "seconds": round(seconds, 2),
         }.items():
             store.set_meta(f"projection_{key}", value)
+        store.db.execute("delete from collection_meta where key = 'projection_writer'")
+    drop_old_projection(store.db.conn)
     # The watcher may have added or changed images while the layout ran: place them now.
     late = [
         row[0] for row in store.db.execute(f"select images.id {_LIVE_VECTORS} and {_OFF_THE_MAP}")
     ]
     placed = place_new(store, late)
     return Projection(used, len(ids), placed, time.perf_counter() - start)
+
+
+def _write_map(
+    store: Store, ids: np.ndarray, points: np.ndarray, tiles: np.ndarray, method: str,
+    stopping: threading.Event | None,
+) -> str:
+    """Write the new map into the side table ``projection_next``, WRITE_CHUNK rows per
+    transaction, so ingest and place_new commit between them; the map page reads the old
+    map until the swap. The side table is this recompute's alone: a recompute started
+    later (another process) takes it over, and this one gives up at its next chunk."""
+    writer = uuid.uuid4().hex
+    with _write_lock(store):
+        make_projection_next(store.db.conn, writer[:8])  # what a stopped recompute left goes
+        store.set_meta("projection_writer", writer)
+    for begin in range(0, len(ids), WRITE_CHUNK):
+        _check(stopping)
+        rows = [
+            (int(image_id), method, float(x), float(y), int(tile))
+            for image_id, (x, y), tile in zip(
+                ids[begin : begin + WRITE_CHUNK], points[begin : begin + WRITE_CHUNK], tiles[begin : begin + WRITE_CHUNK]
+            )
+        ]
+        with _write_lock(store):
+            _check_writer(store, writer)
+            store.db.conn.executemany(
+                # an image deleted while the layout ran stays off the map (and the
+                # triggers take one deleted from now on off the side table)
+                "insert into projection_next (image_id, method, x, y, placed, tile, sha256) "
+                "select ?1, ?2, ?3, ?4, 0, ?5, sha256 from images where id = ?1 and deleted_at is null",
+                rows,
+            )
+        if on_map_write is not None:
+            on_map_write(len(rows))
+    return writer
+
+
+def _check_writer(store: Store, writer: str) -> None:
+    if store.get_meta("projection_writer") != writer:
+        raise ProjectionError("another map recompute started meanwhile; it makes the map")
 
 
 def _check(stopping: threading.Event | None) -> None:
@@ -525,15 +572,16 @@ def map_data(
 
     Level of detail: past ``limit`` images, an even sample of them, every ``stride``-th
     along the Z-order curve of the tiles (spread evenly over the map), read through the
-    tile index; ``lod`` says how many there are and the stride taken (limit: MAP_POINTS). The page draws the
-    whole map from a sample and asks for the box in view as it zooms in.
+    tile index; ``lod`` says how many there are and the stride taken (limit: FIRST_POINTS
+    for the whole map, MAP_POINTS for a box). The page draws the whole map from a sample
+    and asks for the box in view as it zooms in.
 
     ``labels`` and ``top_label`` hold indexes into ``label_names``, commonest first;
     ``tile`` is the image's place in the atlases; ``atlas.keys[n]`` (for the atlases
     these images are in) changes whenever atlas n does, for the browser's cache.
     """
     state = summary(conn)
-    limit = limit or MAP_POINTS
+    limit = limit or (FIRST_POINTS if box is None else MAP_POINTS)
     columns = {"id": [], "x": [], "y": [], "top_label": [], "labels": [], "placed": [], "tile": []}
     result = {
         "projection": state,
@@ -547,17 +595,19 @@ def map_data(
     what = (
         "select p.image_id, p.x, p.y, p.placed, p.tile, images.labels, images.top_label "
         "from {source} join images on images.id = p.image_id "
-        "where images.deleted_at is null {where} order by p.tile"
+        "where images.deleted_at is null {where} order by p.tile limit :limit"
     )
     if box is None:
         total, last = conn.execute("select count(*), max(tile) from projection").fetchone()
-        stride = max(1, math.ceil(total / limit))
+        # Tiles of images deleted or placed again leave gaps: the stride spans the tiles'
+        # range, so that no more than ``limit`` are looked up.
+        stride = 1 if total <= limit else math.ceil((last + 1) / limit)
         # The tiles stride apart, each found through the tile index: no scan of the map.
         rows = conn.execute(
             "with recursive pick(tile) as (select 0 union all "
             "select tile + :stride from pick where tile + :stride <= :last) "
             + what.format(source="pick join projection p on p.tile = pick.tile", where=""),
-            {"stride": stride, "last": last if last is not None else -1},
+            {"stride": stride, "last": last if last is not None else -1, "limit": limit},
         ).fetchall()
     else:
         inside = "p.x between :x0 and :x1 and p.y between :y0 and :y1"
@@ -566,7 +616,7 @@ def map_data(
         stride = max(1, math.ceil(total / limit))
         rows = conn.execute(
             what.format(source="projection p", where=f"and {inside} and p.tile % :stride = 0"),
-            {**bounds, "stride": stride},
+            {**bounds, "stride": stride, "limit": limit},
         ).fetchall()
     result["lod"].update(total=total, stride=stride)
     per_image = []

@@ -38,6 +38,15 @@ MIN_SCORE = 0.0
 # a query asks every segment, so small ones must be cheap)
 SEARCH_K = 1000
 SEARCH_SHARE = 0.02  # ... or this share of the segment's items, whichever is more
+# Candidates a segment of reduced vectors (index.REDUCED_DIMENSIONS) gives per query, all
+# rescored by their full vectors.
+RERANK = 50
+# Without any segment (a collection from before the index, until its first build ends)
+# the searcher keeps up to this many live vectors in memory; past it, each query reads
+# them from SQLite STREAM_CHUNK at a time, so memory stays bounded at a million images
+# (slow queries, for the minutes until the build the Indexer starts at once is done).
+STREAM_FROM = 20_000
+STREAM_CHUNK = 4096
 _RETRIES = (20, 0.01)  # tries, seconds apart, when a build replaces files mid-refresh
 
 
@@ -74,6 +83,8 @@ class Segment:
     record: dict
     annoy: AnnoyIndex
     ids: np.ndarray
+    reduction: np.ndarray | None = None  # (d, reduced): the segment's PCA, when it has one
+    vectors: np.ndarray | None = None  # its full vectors in the ids' order, memory-mapped
 
 
 class Tail:
@@ -151,6 +162,7 @@ class State:
     tail_matrix: np.ndarray
     skip: frozenset[int]  # ids whose segment copies are stale: the tail has them, or they are gone
     superseded: int  # how many of them have a copy in a segment (dead since the last build)
+    streamed: bool = False  # no segments and too many vectors to hold: read them per query
 
 
 class Searcher:
@@ -165,6 +177,8 @@ class Searcher:
         self.inode = os.stat(self.db_path).st_ino
         self.closed = False
         self.vectors_read = 0  # vectors read into the tail: a hook for tests and benchmarks
+        self.vectors_streamed = 0  # vectors read by queries without segments (see STREAM_FROM)
+        self._streamed = False
         self._lock = threading.Lock()
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
@@ -215,6 +229,11 @@ class Searcher:
         a, b = self._vector(state, int(id_a)), self._vector(state, int(id_b))
         return None if a is None or b is None else float(np.dot(a, b))
 
+    @property
+    def streamed(self) -> bool:
+        """Whether queries read every vector from SQLite (no segment yet, past STREAM_FROM)."""
+        return self._refresh().streamed
+
     def status(self) -> dict:
         """``indexed``: live images in the segments; ``unindexed``: the tail; ``dead``: copies
         in the segments of images deleted or embedded again since (compaction removes them)."""
@@ -222,10 +241,17 @@ class Searcher:
         records = [s.record for s in state.segments]
         dead = sum(r["dead"] for r in records) + state.superseded
         items = sum(r["items"] for r in records)
+        unindexed = len(state.tail_ids) - int(np.count_nonzero(state.tail_ids < 0))
+        if state.streamed:
+            unindexed = self._thread_conn().execute(
+                "select count(*) from vectors v join images i on i.id = v.image_id "
+                "where i.deleted_at is null and v.model = ?",
+                [state.model],
+            ).fetchone()[0]
         return {
             "model": state.model,
             "indexed": max(0, items - dead),
-            "unindexed": len(state.tail_ids) - int(np.count_nonzero(state.tail_ids < 0)),
+            "unindexed": unindexed,
             "dead": dead,
             "segments": len(records),
             "built_at": self._record.get("index_built_at") if records else None,
@@ -276,6 +302,7 @@ class Searcher:
                 tail_matrix,
                 skip,
                 self._superseded(skip),
+                self._streamed,
             )
             return self._state
 
@@ -291,22 +318,29 @@ class Searcher:
             if loaded is None and not settled:
                 return False
             self._swap(loaded or (), int(record.get("index_seq", 0)) if loaded else 0, key)
-        self._read_log()
+        if not self._streamed:
+            self._read_log()
         return True
 
     def _open_segments(self, segments: list[dict]) -> tuple[Segment, ...] | None:
         loaded = []
         for record in segments:
-            annoy = AnnoyIndex(int(self._record["index_dimensions"]), "angular")
+            annoy = AnnoyIndex(int(record.get("reduced") or self._record["index_dimensions"]), "angular")
             try:
                 annoy.load(str(self.folder / f"{record['name']}.annoy"))
                 ids = np.asarray(load_ids(self.folder, record))
+                reduction = np.load(self.folder / f"{record['name']}.pca.npy") if record.get("reduced") else None
+                vectors = (
+                    np.load(self.folder / f"{record['name']}.vectors.npy", mmap_mode="r")
+                    if record.get("vectors")
+                    else None  # built by an older version: candidates are read from SQLite
+                )
             except OSError:
                 annoy.unload()
                 for segment in loaded:
                     segment.annoy.unload()
                 return None
-            loaded.append(Segment(record, annoy, ids))
+            loaded.append(Segment(record, annoy, ids, reduction, vectors))
         return tuple(loaded)
 
     def _swap(self, segments: tuple[Segment, ...], covered: int, key: tuple) -> None:
@@ -314,6 +348,7 @@ class Searcher:
         without segments it is every live vector, read afresh."""
         # The old ones are unmapped when the last search holding them (in its State) ends.
         self._segments, self._loaded_key = segments, key
+        self._streamed = False
         if segments:
             self._covered = covered
             self._tail.drop_upto(covered)
@@ -321,7 +356,16 @@ class Searcher:
             self._read_upto = max(self._read_upto, covered)
         else:
             self._covered, self._read_upto, self._tail, self._gone = 0, 0, Tail(), {}
-            self._read_all()
+            live = self._conn.execute(
+                "select count(*) from (select 1 from vectors v join images i on i.id = v.image_id "
+                "where i.deleted_at is null and v.model = ? limit ?)",
+                [self._record.get("model"), STREAM_FROM + 1],
+            ).fetchone()[0]
+            # Too many to hold: queries read them from SQLite, and the tail (read from
+            # the log position of the first segment once there is one) stays empty.
+            self._streamed = live > STREAM_FROM
+            if not self._streamed:
+                self._read_all()
 
     def _read_all(self) -> None:
         """Without segments the tail is every live vector (once, at the first query or
@@ -389,6 +433,8 @@ class Searcher:
     ) -> list[tuple[int, float]]:
         want = k + 1  # room for the query image itself
         found: dict[int, float] = {}
+        if state.streamed:
+            found.update(self._search_streamed(state, vector, want))
         if len(state.tail_ids):
             scores = state.tail_matrix @ vector
             scores[state.tail_ids < 0] = -np.inf
@@ -400,39 +446,84 @@ class Searcher:
         ranked = sorted((-score, image_id) for image_id, score in found.items() if score >= min_score)
         return [(image_id, -negative) for negative, image_id in ranked[:k]]
 
+    def _search_streamed(self, state: State, vector: np.ndarray, want: int) -> dict[int, float]:
+        """Exact search over every live vector, read from SQLite STREAM_CHUNK at a time."""
+        rows = self._thread_conn().execute(
+            "select v.image_id, v.vector from vectors v join images i on i.id = v.image_id "
+            "where i.deleted_at is null and v.model = ?",
+            [state.model],
+        )
+        best: list[tuple[float, int]] = []  # a min-heap of the best ``want``
+        while chunk := rows.fetchmany(STREAM_CHUNK):
+            self.vectors_streamed += len(chunk)
+            scores = np.frombuffer(b"".join(blob for _, blob in chunk), "<f4").reshape(len(chunk), -1) @ vector
+            top = np.argpartition(-scores, want - 1)[:want] if len(scores) > want else range(len(scores))
+            for i in top:
+                item = (float(scores[i]), chunk[i][0])
+                if len(best) < want:
+                    heapq.heappush(best, item)
+                elif item > best[0]:
+                    heapq.heapreplace(best, item)
+        return {image_id: score for score, image_id in best}
+
     def _search_segments(self, state: State, vector: np.ndarray, want: int) -> dict[int, float]:
         """Each segment's nearest, stale and dead copies left out, rescored exactly from
         the stored vectors."""
-        query = vector.tolist()
         n = want
+        queries = [
+            (vector if segment.reduction is None else vector @ segment.reduction).tolist()
+            for segment in state.segments
+        ]
         while True:
             estimate: dict[int, float] = {}
+            reranked: set[int] = set()
+            scored: dict[int, float] = {}
             exhausted = True
-            for segment in state.segments:
+            for segment, query in zip(state.segments, queries):
                 search_k = self.search_k or search_k_for(segment.record["items"])
                 search_k = max(search_k, n * segment.record["n_trees"])
-                ids, distances = segment.annoy.get_nns_by_vector(query, n, search_k=search_k, include_distances=True)
-                exhausted &= len(ids) < n
+                ask = n if segment.reduction is None else max(n, RERANK)
+                ids, distances = segment.annoy.get_nns_by_vector(query, ask, search_k=search_k, include_distances=True)
+                exhausted &= len(ids) < ask
+                mine = [image_id for image_id in ids if image_id not in state.skip]
+                if segment.vectors is not None:
+                    # Every candidate scored by its full vector, from the segment's own copy:
+                    # current, since the stale and the deleted are in state.skip.
+                    if mine:
+                        rows = np.searchsorted(segment.ids, mine)
+                        order = np.argsort(rows)
+                        scores = np.asarray(segment.vectors[rows[order]]) @ vector
+                        scored.update((mine[i], float(score)) for i, score in zip(order, scores))
+                    continue
+                if segment.reduction is not None:
+                    # Scores in a segment's own PCA rank only its own candidates (another
+                    # PCA may not span the query's directions): each gives its best.
+                    reranked.update(mine)
+                    continue
                 for image_id, distance in zip(ids, distances):
                     if image_id not in state.skip:
                         score = 1 - distance * distance / 2
                         if score > estimate.get(image_id, -2.0):
                             estimate[image_id] = score
-            # Annoy's score is exact for a current copy; a stale one (re-embedded into a
-            # newer segment) may rank wrong, so rescore twice as many as are wanted.
-            candidates = heapq.nlargest(2 * n, estimate, key=estimate.__getitem__)
-            rows = self._thread_conn().execute(
-                _LIVE_VECTORS,
-                [json.dumps(candidates), state.model],
-            ).fetchall()
+            # Segments from before the vector copies: Annoy's score is exact for a current
+            # copy of a full vector; a stale one (re-embedded into a newer segment) may rank
+            # wrong, so rescore from SQLite twice as many as are wanted, with every
+            # candidate of a reduced segment.
+            candidates = sorted(reranked.union(heapq.nlargest(2 * n, estimate, key=estimate.__getitem__)))
+            rows = []
+            if candidates:
+                rows = self._thread_conn().execute(
+                    _LIVE_VECTORS,
+                    [json.dumps(candidates), state.model],
+                ).fetchall()
             # Deleted images crowd the answer until compaction: ask for more until enough remain.
-            if len(rows) >= want or exhausted:
+            if len(rows) + len(scored) >= want or exhausted:
                 break
             n *= 4
-        if not rows:
-            return {}
-        scores = np.stack([decode(blob) for _, blob in rows]) @ vector
-        return {image_id: float(score) for (image_id, _), score in zip(rows, scores)}
+        if rows:
+            scores = np.stack([decode(blob) for _, blob in rows]) @ vector
+            scored.update((image_id, float(score)) for (image_id, _), score in zip(rows, scores))
+        return scored
 
 
 _searchers: dict[str, Searcher] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
@@ -349,6 +350,64 @@ def m013_live_images(db: sqlite_utils.Database) -> None:
     db.execute("create view live_images as select * from images where deleted_at is null")
     # The gallery's label filter pages through a label's images newest first on
     # m009's labels(label, image_id) index: a range scan.
+
+
+@migrations()
+def m014_projection_side_table(db: sqlite_utils.Database) -> None:
+    """``projection_next``: where a map recompute writes its rows, a few thousand per
+    transaction, before `swap_projection` makes it ``projection`` in one short
+    transaction; so a recompute at a million images never holds the write lock while it
+    writes. Triggers keep images deleted meanwhile off it, as m009's keep them off the map."""
+    make_projection_next(db.conn, "0")
+    db.execute(
+        "create trigger projection_next_image_deleted after update of deleted_at on images "
+        "when new.deleted_at is not null begin delete from projection_next where image_id = new.id; end"
+    )
+    db.execute(
+        "create trigger projection_next_image_delete after delete on images "
+        "begin delete from projection_next where image_id = old.id; end"
+    )
+
+
+# The map's indexes (m006, m009), made on each new side table under names of its own.
+_PROJECTION_INDEXES = {"tile": "tile", "placed": "placed", "xy": "x, y, tile"}
+
+
+def make_projection_next(conn: sqlite3.Connection, generation: str) -> None:
+    """An empty ``projection_next`` like ``projection``, with the map's indexes named
+    after ``generation`` (index names are database-wide: the map's own keep theirs)."""
+    sql = conn.execute("select sql from sqlite_master where type = 'table' and name = 'projection'").fetchone()[0]
+    conn.execute("drop table if exists projection_next")
+    conn.execute(re.sub(r'^create table\s+(\[projection\]|"projection"|projection)', "CREATE TABLE projection_next", sql, flags=re.I))
+    for name, columns in _PROJECTION_INDEXES.items():
+        conn.execute(f"create index projection_{name}_{generation} on projection_next ({columns})")
+
+
+def swap_projection(conn: sqlite3.Connection, generation: str) -> None:
+    """Inside the caller's write transaction: ``projection_next`` becomes ``projection``,
+    the old map ``projection_old`` (for `drop_old_projection`, outside it), and a new empty
+    side table is made: renames, quick at any size. The triggers on ``images`` name the
+    tables in their bodies; the legacy rename leaves those names as they are, so each
+    keeps acting on the table that now has its name."""
+    conn.execute("drop table if exists projection_old")  # left by a process that stopped
+    conn.execute("pragma legacy_alter_table = on")
+    try:
+        conn.execute("alter table projection rename to projection_old")
+        conn.execute("alter table projection_next rename to projection")
+    finally:
+        conn.execute("pragma legacy_alter_table = off")
+    make_projection_next(conn, generation)
+
+
+def drop_old_projection(conn: sqlite3.Connection, rows: int = 5000) -> None:
+    """Empty the replaced map ``rows`` at a time, each in its own transaction, then drop
+    it: dropping a million rows at once would hold the write lock for a second."""
+    while conn.execute("select 1 from sqlite_master where type = 'table' and name = 'projection_old'").fetchone():
+        with conn:
+            if not conn.execute(
+                "delete from projection_old where rowid in (select rowid from projection_old limit ?)", [rows]
+            ).rowcount:
+                conn.execute("drop table projection_old")
 
 
 # Ids per statement: far under SQLite's smallest variable limit (999 before 3.32).

@@ -1,7 +1,8 @@
 """What follows each committed batch, so that nothing derived lags behind the rows:
 similar-image search and its index (index.py), ``matches`` (matches.py) and the
-collection map (projection.py). Each step costs what the batch holds; the index builds
-and a first fill of ``matches`` run in background threads that nothing waits for."""
+collection map (projection.py). Each step costs what the batch holds; the index builds,
+a first fill of ``matches`` and a first grouping of duplicates run in background threads
+that nothing waits for."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import threading
 from . import duplicates, projection
 from .index import Indexer
 from .matches import stop_filling, update_matches
+from .search import open_index
 from .store import Store
 
 
@@ -17,11 +19,15 @@ class Upkeep:
     """Call ``after_batch`` with the ids each batch wrote and ``after_delete`` with the
     ids marked deleted; ``join`` before exiting. Exiting waits for no index build: one in
     progress is abandoned with the process and its temporaries are removed at the next
-    start (searches stay exact meanwhile); a background fill of ``matches`` stops after
-    its chunk and resumes next time; a map recompute gives up without writing."""
+    start (searches stay exact meanwhile); a background fill of ``matches`` or first
+    grouping of duplicates stops after its chunk and resumes next time; a map recompute
+    gives up without writing."""
 
     def __init__(self, store: Store, refresh_map: bool = True, stopping: threading.Event | None = None):
         self.store = store
+        # A bad threshold in the environment stops the start with its message
+        # (DuplicatesError), not every batch's upkeep later.
+        duplicates.thresholds(store.model)
         self.indexer = Indexer(store.path)
         self.indexer.check()  # a collection from before segments gets its index at once
         # A long-running daemon recomputes the map when enough has changed; a one-off
@@ -32,6 +38,13 @@ class Upkeep:
         self._stopping = stopping or threading.Event()
 
     def after_batch(self, ids: list[int]) -> None:
+        if open_index(self.store.path).streamed:
+            # A large collection from before the index, until its first segment (started
+            # at once) is built: each query would read every vector, so what asks many
+            # waits. The change logs keep what matches and duplicates must catch up
+            # with; the map places these images at its next recompute.
+            self.indexer.check()
+            return
         update_matches(self.store, ids)
         self.indexer.check()
         projection.place_new(self.store, ids)
@@ -47,3 +60,4 @@ class Upkeep:
     def join(self) -> None:
         self._stopping.set()  # not waited for: the map is recomputed again after the next start
         stop_filling(self.store.path)
+        duplicates.stop_regrouping(self.store.path)

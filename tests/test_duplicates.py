@@ -451,6 +451,8 @@ def test_review_page_in_chromium(photos, tmp_path):
                 assert chelsea.locator(".dup-keeper").get_attribute("data-image-id") == str(ids["chelsea-half.jpg"])
                 assert page.get_by_text(HOSTILE).count() == 1  # shown as text, never as markup
                 page.get_by_role("link", name="exact (4)").click()
+                page.wait_for_url("**tier=exact")
+                page.wait_for_load_state()  # count on the new page, not mid-navigation
                 assert page.locator(".dup-group").count() == 4
                 page.goto(f"{base}/-/duplicates?tier=near")
                 (ROOT / "screenshots").mkdir(exist_ok=True)
@@ -495,3 +497,91 @@ def test_page_queries_use_indexes(photos):
     assert len(plans) == 2
     for plan in plans:  # groups found through (tier, group_id), images by their id
         assert "SEARCH g USING" in plan and "SCAN g" not in plan and "SCAN i" not in plan, plan
+
+
+# --- the first grouping of a collection from before duplicates --------------------------
+
+
+def _clustered_collection(vstore, count: int = 40) -> list[int]:
+    rng = np.random.default_rng(11)
+    centres = [unit(rng.normal(size=DIMENSIONS)) for _ in range(5)]
+    return [
+        put(vstore, f"img{i}.jpg", unit(centres[i % 5] + rng.normal(scale=0.25, size=DIMENSIONS)),
+            sha256="twin" if i in (3, 31) else None)
+        for i in range(count)
+    ]
+
+
+def _forget_groups(store: Store) -> None:
+    """As a database from before duplicates: no groups, no record of them."""
+    with store.db.atomic():
+        store.db.execute("delete from duplicate_groups")
+        store.db.execute("delete from collection_meta where key like 'duplicates\\_%' escape '\\'")
+
+
+def test_first_grouping_of_a_large_collection_runs_in_the_background(vstore, monkeypatch):
+    """A collection never grouped (upgraded) is grouped by a background thread, a chunk
+    per transaction, never inside the batch's upkeep; the result equals a grouping from
+    scratch, and a batch written meanwhile is caught up."""
+    import threading
+
+    from collection.upkeep import Upkeep
+
+    ids = _clustered_collection(vstore)
+    duplicates.regroup(vstore)
+    expected_before = rows(vstore)
+    assert expected_before
+    _forget_groups(vstore)
+    monkeypatch.setattr(duplicates, "GROUP_AT_ONCE", 10)
+    monkeypatch.setattr(duplicates, "REGROUP_CHUNK", 7)
+    chunks = []
+    monkeypatch.setattr(duplicates, "on_regroup_chunk", lambda n: chunks.append((n, threading.current_thread().name)))
+    upkeep = Upkeep(vstore, refresh_map=False)
+    late = put(vstore, "late.jpg", vstore.vector(ids[0]))  # a copy of the first, at once
+    upkeep.after_batch([late])
+    assert all(name == "duplicates-regroup" for _, name in chunks)  # none in the caller's thread
+    duplicates.wait_for_regroup(vstore.path, 60)
+    assert chunks and max(n for n, _ in chunks) <= 7
+    assert sum(n for n, _ in chunks) >= len(ids)
+    assert vstore.get_meta("duplicates_fill") is None
+    grown = rows(vstore)
+    duplicates.regroup(vstore)
+    assert rows(vstore) == grown
+    assert any(r[2] == late for r in grown if r[0] == "near")
+    upkeep.join()
+
+
+def test_a_stopped_first_grouping_resumes_where_it_stopped(vstore, monkeypatch):
+    import threading
+
+    _clustered_collection(vstore)
+    duplicates.regroup(vstore)
+    expected = rows(vstore)
+    _forget_groups(vstore)
+    monkeypatch.setattr(duplicates, "REGROUP_CHUNK", 9)
+    stop = threading.Event()
+    counted = []
+    monkeypatch.setattr(duplicates, "on_regroup_chunk", lambda n: (counted.append(n), stop.set()))
+    duplicates.regroup(vstore, stop)
+    assert counted == [9] and json.loads(vstore.get_meta("duplicates_fill"))["after"] > 0
+    assert vstore.get_meta("duplicates_seq") is None  # not done: upkeep keeps asking for it
+    monkeypatch.setattr(duplicates, "on_regroup_chunk", counted.append)
+    duplicates.regroup(vstore)
+    assert sum(counted) == 40  # each image decided once over the two runs
+    assert rows(vstore) == expected
+
+
+def test_a_bad_threshold_stops_the_start_with_its_message(vstore, monkeypatch, tmp_path):
+    from collection.upkeep import Upkeep
+
+    monkeypatch.setenv("COLLECTION_SIMILAR", "lots")
+    with pytest.raises(duplicates.DuplicatesError, match="COLLECTION_SIMILAR must be a cosine"):
+        Upkeep(vstore)
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(folder / "red.png")
+    result = CliRunner().invoke(cli, ["add", str(folder), "--db", str(vstore.path)])
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: COLLECTION_SIMILAR must be a cosine from -1 to 1, not 'lots'"

@@ -379,3 +379,41 @@ def test_cli_add_index_and_similar(tmp_path, images_dir, db_path):
     result = runner.invoke(cli, ["similar", "999", *db])
     assert result.exit_code == 1 and "no image '999'" in result.output
     store.close()
+
+
+def test_segments_of_many_dimensions_index_a_pca_and_rerank_by_the_full_vectors(store, db_path, monkeypatch):
+    """Vectors of at least twice REDUCED_DIMENSIONS dimensions: each segment's Annoy file
+    holds them reduced by a PCA fitted on a sample of its own, saved beside it; the
+    searcher reranks the candidates by the full vectors, so scores are exact cosines
+    and recall stays high. A merge makes one new PCA; the old files go with the segment."""
+    from collection import index as index_module
+
+    monkeypatch.setattr(index_module, "REDUCED_DIMENSIONS", 8)
+    monkeypatch.setattr(index_module, "PCA_SAMPLE", 100)
+    ids = add(store, clustered(60, 400, d=48, clusters=20, spread=0.3))
+    build(db_path, n_trees=20)
+    more = add(store, clustered(61, 400, d=48, clusters=20, spread=0.3))
+    build(db_path, n_trees=20)
+    segments = json.loads(store.get_meta("index_segments"))
+    assert segments and all(s["reduced"] == 8 for s in segments)
+    folder = index_path(db_path)
+    for segment in segments:
+        assert np.load(folder / f"{segment['name']}.pca.npy").shape == (48, 8)
+        annoy = AnnoyIndex(8, "angular")
+        annoy.load(str(folder / f"{segment['name']}.annoy"))  # an 8-d index
+        assert annoy.get_n_items() > 0
+        annoy.unload()
+    searcher = open_index(db_path)
+    assert searcher.status()["unindexed"] == 0
+    hits = total = 0
+    for image_id in (ids + more)[::20]:
+        got, want = searcher.similar(image_id, 10), exact(store, image_id, 10)
+        for found_id, score in got:  # every score the exact cosine
+            assert score == pytest.approx(dict(exact(store, image_id, 800)).get(found_id), abs=1e-5)
+        hits += len(set(ids_of(got)) & set(ids_of(want)))
+        total += len(want)
+    assert hits / total >= 0.9
+    build(db_path, n_trees=20, full=True)
+    assert sorted(p.name for p in folder.glob("*.pca.npy")) == [
+        f"{s['name']}.pca.npy" for s in json.loads(store.get_meta("index_segments"))
+    ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import sqlite3
 import threading
 
 import numpy as np
@@ -435,6 +436,58 @@ def test_a_large_map_reads_its_vectors_a_sample_and_a_chunk_at_a_time(collection
     assert reads[0] == 20 and max(reads[1:]) <= 8 and sum(reads) == len(members)
 
 
+def test_a_recompute_writes_the_map_in_bounded_transactions_beside_a_writer(collection, monkeypatch):
+    """The new map goes into the side table WRITE_CHUNK rows per transaction; between
+    them another connection commits at once (ingest does not wait for the whole map),
+    the page keeps reading the old map until the swap, and an image deleted while the
+    side table fills stays off the new map."""
+    db_path, members = collection
+    store = Store(db_path)
+    projection.project(store, method="pca")
+    old = positions(store)
+    monkeypatch.setattr(projection, "WRITE_CHUNK", 10)
+    written, seen_during = [], []
+    victim = sorted(members)[-1]
+
+    def between_chunks(rows):
+        written.append(rows)
+        other = sqlite3.connect(db_path, timeout=0)  # fails at once if the lock were held
+        with other:
+            other.execute("insert into collection_meta (key, value) values (?, 'x')", [f"meanwhile{len(written)}"])
+            if len(written) == 1:
+                other.execute("update images set deleted_at = 'now' where id = ?", [victim])
+        seen_during.append(other.execute("select count(*) from projection").fetchone()[0])
+        other.close()
+
+    monkeypatch.setattr(projection, "on_map_write", between_chunks)
+    projection.project(store, method="tsne")
+    assert written and max(written) <= 10 and sum(written) <= len(members)
+    assert len(written) == -(-len(members) // 10)
+    assert seen_during[0] == len(old) - 1 and seen_during[-1] == len(old) - 1  # the old map, less the deleted one
+    new = positions(store)
+    assert set(new) == set(members) - {victim}
+    assert store.get_meta("projection_method") == "tsne"
+    assert store.db.execute("select count(*) from projection_next").fetchone()[0] == 0
+    assert "projection_old" not in store.db.table_names()  # emptied in chunks, then dropped
+    assert projection.map_data(store.db.conn)["lod"]["total"] == len(members) - 1
+
+
+def test_a_recompute_started_later_takes_over_the_side_table(collection, monkeypatch):
+    db_path, members = collection
+    store = Store(db_path)
+
+    def another_starts(rows):
+        monkeypatch.setattr(projection, "on_map_write", None)
+        projection.project(Store(db_path), method="pca")  # e.g. `collection map` meanwhile
+
+    monkeypatch.setattr(projection, "WRITE_CHUNK", 10)
+    monkeypatch.setattr(projection, "on_map_write", another_starts)
+    with pytest.raises(projection.ProjectionError, match="another map recompute"):
+        projection.project(store, method="tsne")
+    assert store.get_meta("projection_method") == "pca"
+    assert len(positions(store)) == len(members)
+
+
 def test_images_added_during_a_projection_are_placed_on_it(collection, monkeypatch):
     db_path, members = collection
     store = Store(db_path)
@@ -572,12 +625,13 @@ async def test_atlas_paths_are_numbers_only(mapped, raw_path):
 
 @pytest.mark.asyncio
 async def test_map_json_level_of_detail(mapped, monkeypatch):
-    """Past MAP_POINTS images the whole map comes as an even sample, and a box brings
+    """Past FIRST_POINTS images the whole map comes as an even sample, and a box brings
     the images inside it: each answer says how many there are and how many it carries."""
     ds, members, gone, late = mapped
     live = set(members) - {gone} | {late}
     whole = (await ds.client.get("/-/map.json")).json()
     assert whole["lod"] == {"box": None, "total": len(live), "stride": 1}
+    monkeypatch.setattr(projection, "FIRST_POINTS", 10)
     monkeypatch.setattr(projection, "MAP_POINTS", 10)
     sample = (await ds.client.get("/-/map.json")).json()
     assert sample["lod"]["stride"] == 5 and 8 <= len(sample["images"]["id"]) <= 10  # 48 / 5
@@ -648,3 +702,35 @@ async def test_map_page_without_a_map(collection):
     data = (await ds.client.get("/-/map.json")).json()
     assert data["projection"] is None and data["images"]["id"] == []
     assert (await ds.client.get("/-/map/atlas/0.jpg")).status_code == 404
+
+
+@pytest.mark.parametrize("count", [projection.FIRST_POINTS + 1, 3 * projection.MAP_POINTS])
+def test_the_maps_first_answer_is_bounded_at_any_size(tmp_path, count):
+    """The page's first data carries at most FIRST_POINTS images however large the map,
+    gaps in the tiles included (deleted images, images placed again), spread over the
+    whole map; a box carries at most MAP_POINTS."""
+    store = Store(tmp_path / "big.db")
+    rng = np.random.default_rng(0)
+    xy = rng.random((count, 2))
+    with store.db.conn:
+        store.db.conn.executemany(
+            "insert into images (id, path, labels, top_label) values (?, ?, '[\"tabby\"]', 'tabby')",
+            ((i, f"/p/{i}.jpg") for i in range(1, count + 1)),
+        )
+        # every third tile left empty, as after deletions and placing again
+        store.db.conn.executemany(
+            "insert into projection (image_id, method, x, y, placed, tile) values (?, 'tsne', ?, ?, 0, ?)",
+            ((i, float(x), float(y), (i - 1) * 3 // 2) for i, (x, y) in zip(range(1, count + 1), xy)),
+        )
+    store.set_meta("projection_version", 1)
+    store.set_meta("projection_method", "tsne")
+    first = projection.map_data(store.db.conn)
+    shown = len(first["images"]["id"])
+    assert first["lod"]["total"] == count
+    assert projection.FIRST_POINTS // 2 <= shown <= projection.FIRST_POINTS
+    assert first["atlas"]["keys"] == {}  # dots only: the page asks for a box before thumbnails
+    xs, ys = np.array(first["images"]["x"]), np.array(first["images"]["y"])
+    assert xs.min() < 0.1 and xs.max() > 0.9 and ys.min() < 0.1 and ys.max() > 0.9
+    part = projection.map_data(store.db.conn, (0.0, 0.0, 1.0, 1.0))
+    assert 0 < len(part["images"]["id"]) <= projection.MAP_POINTS
+    store.close()

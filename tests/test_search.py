@@ -265,3 +265,52 @@ def test_the_hot_queries_use_indexes(store):
         plan = " / ".join(row[3] for row in store.db.execute(f"explain query plan {sql}", parameters))
         assert not re.search(r"SCAN (v|i|matches|vector_changes)\b", plan), (name, plan)
         assert "SEARCH" in plan, (name, plan)
+
+
+def test_without_segments_a_large_collection_is_searched_from_sqlite_not_held(store, db_path, monkeypatch):
+    """A collection from before the index (vectors, no segments): past STREAM_FROM live
+    vectors the searcher holds none of them until the first segment is built; queries
+    read them from SQLite a chunk at a time and stay exact. Once a segment exists the
+    tail holds only what changed after it."""
+    monkeypatch.setattr(search, "STREAM_FROM", 100)
+    monkeypatch.setattr(search, "STREAM_CHUNK", 64)
+    ids = add(store, clustered(40, 300))
+    searcher = Searcher(db_path)
+    assert_exact(store, searcher, ids[:5], 10)
+    assert searcher.vectors_read == 0 and len(searcher._tail) == 0
+    assert searcher.vectors_streamed == 5 * 300
+    more = add(store, clustered(41, 30))  # written while no segment exists: found at once
+    assert ids_of(searcher.similar(more[0], 5)) == ids_of(exact(store, more[0], 5))
+    assert searcher.status()["unindexed"] == 330
+    build(db_path, n_trees=10)
+    later = add(store, clustered(42, 20))
+    searcher.similar(later[0])
+    streamed = searcher.vectors_streamed
+    assert searcher.vectors_read == 20 and len(searcher._tail) == 20  # the batch after the build
+    assert_exact(store, searcher, later[:1], 5)
+    assert searcher.vectors_streamed == streamed  # no more reads of the whole collection
+    searcher.close()
+
+
+def test_upkeep_of_a_large_collection_before_its_first_segment_asks_no_queries(store, db_path, monkeypatch):
+    """Batches written before the first segment of an upgraded collection cost no
+    streamed queries; once the build is done, matches catch up with them."""
+    from collection.upkeep import Upkeep
+
+    monkeypatch.setattr(search, "STREAM_FROM", 100)
+    add(store, clustered(50, 300))
+    upkeep = Upkeep(store, refresh_map=False)  # 300 is under its SEGMENT_MIN: no build yet
+    upkeep.indexer.segment_min = 10**9  # nor later: the test builds
+    searcher = open_index(db_path)
+    batch = add(store, clustered(51, 20))
+    upkeep.after_batch(batch)
+    assert searcher.streamed and searcher.vectors_streamed == 0
+    build(db_path, n_trees=10)
+    assert not searcher.streamed
+    upkeep.after_batch([])
+    from collection.matches import wait_for_fill
+
+    wait_for_fill(db_path, 60)
+    listed = store.db.execute("select count(distinct image_id) from matches").fetchone()[0]
+    assert listed == 320
+    upkeep.join()

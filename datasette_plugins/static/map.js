@@ -25,7 +25,8 @@
   const DETAIL_BELOW = 0.5; // a view smaller than this share of the map asks for its own images
 
   let n = 0, ids, xs, ys, tiles, placed, topLabel, labelsOf, labelNames = [];
-  let overview = null, detail = null;  // the whole map's data (a sample past 50k) and the box in view's
+  let stride = 1;                    // the answer drawn carries every stride-th image
+  let overview = null, detail = null;  // the whole map's data (a sample past 5,000) and the box in view's
   let detailTimer = 0, detailWanted = "";
   const sharp = new Map();           // image id -> {img, ready}: thumbnails for close-ups
   const cards = new Map();           // image id -> its hover card's details
@@ -99,7 +100,9 @@
       pixels32 = new Uint32Array(pixels.data.buffer);
     }
     pixels32.fill(BACKGROUND);
-    const d = Math.max(2, Math.round(px * dpr)), h = d >> 1;
+    // A thinned answer (every stride-th image) draws larger dots, so a sample of a large
+    // map covers it as densely as all its images would.
+    const d = Math.max(2, Math.round(px * Math.min(Math.sqrt(stride), 4) * dpr)), h = d >> 1;
     const dot = (i, colour) => {
       const cx = Math.round((xs[i] * scale + ox) * dpr), cy = Math.round((ys[i] * scale + oy) * dpr);
       const left = Math.max(0, cx - h), right = Math.min(w, cx - h + d);
@@ -287,7 +290,7 @@
       .then((info) => { cards.set(id, info); show(info); })
       .catch(() => {});
   }
-  // Level of detail: past 50k images the whole map comes as an even sample; a view zoomed
+  // Level of detail: past 5,000 images the whole map comes as an even sample; a view zoomed
   // into less than DETAIL_BELOW of it gets the images in a box around it, all of them or
   // a denser sample.
   function wantDetail() {
@@ -431,6 +434,7 @@
   function load(data) {
     const im = data.images;
     n = im.id.length;
+    stride = data.lod.stride || 1;
     ids = im.id; tiles = im.tile; placed = im.placed; topLabel = im.top_label; labelsOf = im.labels;
     xs = Float32Array.from(im.x); ys = Float32Array.from(im.y);
     labelNames = data.label_names;
