@@ -38,7 +38,7 @@ WEB_FORMATS = {"JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP"}
 # browsing a collection opens (the rest stay one click away on the database page).
 HOME_TABLES = ("live_images", "images", "labels", "matches", "failures", "ingest_log")
 # Left off the home page even without metadata.yml (plain `datasette collection.db`).
-BOOKKEEPING = {"_sqlite_migrations", "vector_changes"}
+BOOKKEEPING = {"_sqlite_migrations", "vector_changes", "projection_next"}
 
 
 # Which database of a Datasette instance is the collection, once found.
