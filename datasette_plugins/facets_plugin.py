@@ -16,6 +16,8 @@ Datasette opens its own. Nothing here imports TensorFlow.
 
 from __future__ import annotations
 
+import json
+
 from datasette import hookimpl
 from datasette.database import QueryInterrupted
 from datasette.facets import Facet
@@ -54,13 +56,38 @@ def filters_from_request(request, database, table, datasette):
         if not names or not await _lists_images(datasette, database, table):
             return None
         params = {f"_label_{i}": name for i, name in enumerate(names)}
+        common = await _common_labels(datasette.get_database(database), names)
         return FilterArguments(
-            [f"id in (select image_id from labels where label = :{key})" for key in params],
+            [
+                (_PER_ROW if name in common else _AS_LIST).format(key=key, table=escape_sqlite(table))
+                for key, name in params.items()
+            ],
             params,
             [f'label is "{name}"' for name in names],
         )
 
     return inner
+
+
+# Two ways to keep the images with a label, both on labels(label, image_id). A rare label:
+# list its images, then sort them (reads as many rows as the label has). A common one: walk
+# the page's sort index and check each image (reads about page size x images / count rows):
+# at 1,000,000 images, a label on 435,535 of them took 0.82 s as a list and under 0.01 s
+# per row; one on 1,148 took under 0.01 s as a list and 0.07 s per row. Per row is the
+# cheaper once count^2 > page x images.
+_AS_LIST = "id in (select image_id from labels where label = :{key})"
+_PER_ROW = "exists (select 1 from labels where label = :{key} and image_id = {table}.id)"
+_PAGE = 100
+
+
+async def _common_labels(db, names: list[str]) -> set[str]:
+    """The labels among ``names`` on so many images that checking row by row is cheaper."""
+    result = await db.execute(
+        "select label, images, (select max(rowid) from images) from label_counts "
+        "where label in (select value from json_each(:names))",
+        {"names": json.dumps(names)},
+    )
+    return {label for label, count, total in result.rows if count * count > _PAGE * (total or 0)}
 
 
 async def _lists_images(datasette, database: str, table: str | None) -> bool:

@@ -15,7 +15,7 @@ import pytest
 import pytest_asyncio
 from datasette.app import Datasette
 
-from collection.serve import PLUGINS_DIR, SETTINGS, load_metadata
+from collection.serve import SETTINGS, load_metadata, register_plugins
 from collection.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,10 +56,10 @@ def collection(tmp_path) -> tuple[Path, dict[int, list[str]], set[int]]:
 @pytest_asyncio.fixture
 async def ds(collection):
     db_path = collection[0]
+    register_plugins()  # once, as the installed entry points do (no second copy from a plugins_dir)
     datasette = Datasette(
         [str(db_path)],
         metadata=load_metadata(ROOT / "metadata.yml", db_path.stem),
-        plugins_dir=str(PLUGINS_DIR),
         settings={**SETTINGS, "trace_debug": True},
     )
     await datasette.invoke_startup()
@@ -147,14 +147,19 @@ HOT_PAGES = [
 
 
 def full_scans(conn: sqlite3.Connection, sql: str, params) -> list[str]:
-    """The plan's lines that read a whole table without an index (small lookup tables and
-    the rows of a subquery already narrowed are fine)."""
+    """The plan's lines that read a whole table without an index (small lookup tables, the
+    rows of a subquery already narrowed and a rowid walk cut off by the limit are fine)."""
     plan = conn.execute(f"explain query plan {sql}", params).fetchall()
+    # Newest first is the rowid backwards: a walk that stops at the page's limit, no sort.
+    walks_rowid = re.search(r"order by id desc limit \d+\s*$", sql) and not any(
+        "TEMP B-TREE" in row[3] for row in plan
+    )
     return [
         row[3]
         for row in plan
         if re.match(r"SCAN (images|labels|matches|vectors|thumbnails|projection)\b", row[3])
         and "INDEX" not in row[3]
+        and not (walks_rowid and row[3] == "SCAN images")
     ]
 
 
@@ -175,3 +180,28 @@ async def test_hot_pages_query_through_indexes(ds, collection, page):
             assert not full_scans(conn, sql, params), (sql, full_scans(conn, sql, params))
             checked += 1
     assert checked >= 2  # the rows and their count at least
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("page_size", [0, 10**9])
+async def test_label_filter_gives_the_same_rows_as_a_list_or_row_by_row(ds, collection, monkeypatch, page_size):
+    """A common label is checked row by row along the sort's index, a rare one listed first
+    (facets_plugin._common_labels); both keep exactly the images with the label, in order."""
+    from datasette_plugins import facets_plugin
+
+    monkeypatch.setattr(facets_plugin, "_PAGE", page_size)
+    _, labels, _ = collection
+    for name in ("lynx", "桜 & <b>"):
+        rows, url = [], f"/collection/images.json?_shape=objects&_size=50&{urlencode({'_label': name})}"
+        while url:
+            response = await ds.client.get(url)
+            assert response.status_code == 200, response.text
+            data = response.json()
+            rows += data["rows"]
+            url = data["next_url"] and data["next_url"].replace("http://localhost", "")
+        ids = [row["id"] for row in rows]
+        assert ids == sorted(set(ids), reverse=True)  # newest first, no page repeats a row
+        assert {row["id"] for row in rows} == {i for i, names in labels.items() if name in names}
+        trace = (await ds.client.get(f"/collection/images.json?{urlencode({'_label': name})}&_trace=1")).json()["_trace"]
+        sql = " ".join(t["sql"] for t in trace["traces"])
+        assert ("exists (select 1 from labels" in sql) == (page_size == 0)

@@ -207,7 +207,7 @@ def test_metadata_and_plugins_found_from_package():
 def test_metadata_applies_to_any_database_name():
     metadata = load_metadata(ROOT / "metadata.yml", "photos")
     assert set(metadata["databases"]) == {"photos"}
-    assert metadata["databases"]["photos"]["tables"]["images"]["sort_desc"] == "added_at"
+    assert metadata["databases"]["photos"]["tables"]["images"]["sort_desc"] == "id"
 
 
 def test_no_writable_canned_queries():
