@@ -10,17 +10,22 @@ neighbours come from the collection's similarity index, and the rows from
 ``collection.serve``. The region search (``image_id`` and ``box``) reads the image's
 file only through ``serve.read_image_file``, the same guarded read as /-/image/<id>.
 
-CSRF: the page's form carries Datasette's ``csrftoken`` field, before the file (asgi-csrf
-reads the token from a multipart body and refuses a file that comes first). No
-``skip_csrf`` hook: asgi-csrf checks only requests that carry cookies, so a program
-posting to /-/search.json without cookies (curl, a script) is not asked for a token,
-while a browser, which sends its cookies, must present the token like any form.
+CSRF: the page's form carries Datasette's ``csrftoken`` field, and the check is the
+one asgi-csrf makes, done here: a request that carries cookies (a browser's) must present
+the token of its ``ds_csrftoken`` cookie, in the form or the ``x-csrftoken`` header, or it
+is refused 403 before anything is embedded; one without cookies (curl, a script) or with
+``Authorization: Bearer`` is not asked for one, as asgi-csrf does not ask. Why not leave
+it to asgi-csrf: version 0.11 cannot read a multipart body with python-multipart 0.0.26
+or later (``FormParser`` lost ``FileClass``: simonw/asgi-csrf#38, open), so every upload
+from a browser would be a 500; and a python-multipart before 0.0.26 has CVE-2026-40347.
+So ``skip_csrf`` hands these two paths, and only these, to the check here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
@@ -36,6 +41,7 @@ from datasette_plugins.collection_plugin import collection_db, collection_name, 
 DEFAULT_K = 12  # a grid of 2 to 6 rows across
 EMBED_TIMEOUT = 60.0  # seconds for an answer, a worker's model loading included
 IMAGE_ID = re.compile(r"[0-9]{1,18}")
+SEARCH_PATH = re.compile(r"/-/search(\.json)?")
 
 
 @dataclass
@@ -53,6 +59,14 @@ class Query:
 @hookimpl
 def register_routes():
     return [(r"^/-/search(?P<format>\.json)?$", search)]
+
+
+@hookimpl
+def skip_csrf(datasette, scope):
+    """This plugin checks the token of its own POSTs: see the module's docstring."""
+    path = scope.get("path", "")
+    base = datasette.setting("base_url").rstrip("/")
+    return scope.get("type") == "http" and path.startswith(base) and SEARCH_PATH.fullmatch(path[len(base):]) is not None
 
 
 @hookimpl
@@ -101,6 +115,7 @@ async def read_query(request, limit: int) -> Query:
     form: dict[str, uploads.Part] = {}
     if request.method == "POST":
         form = await uploads.read_form(request.receive, request.headers, limit)
+        check_csrf(request, form)
     elif request.method != "GET":
         raise Rejected(405, f"{request.method} is not a search: GET the page, POST an image")
 
@@ -132,6 +147,19 @@ async def read_query(request, limit: int) -> Query:
     if request.method == "POST" or box:
         raise Rejected(400, "no image: choose, drop or paste one (the form field image), or give image_id")
     return query  # a bare GET: the page, with its form
+
+
+def check_csrf(request, form: dict[str, uploads.Part]) -> None:
+    """asgi-csrf's rule (skip_csrf takes it off these paths): a request with cookies
+    presents its cookie's token, in the header or the form, unless it has a Bearer token."""
+    headers = request.headers
+    if not headers.get("cookie") or headers.get("authorization", "").startswith("Bearer "):
+        return
+    expected = request.scope.get("csrftoken")  # asgi-csrf's: the signed cookie's token, else a new one
+    part = form.get("csrftoken")
+    given = headers.get("x-csrftoken") or (part.text if part is not None and part.filename is None else "")
+    if expected is None or not given or not secrets.compare_digest(given, expected()):
+        raise Rejected(403, "the form's CSRF token is missing or out of date: reload the page and try again")
 
 
 async def run(datasette, db, query: Query) -> dict:

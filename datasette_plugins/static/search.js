@@ -74,7 +74,10 @@ function searchForm(form) {
     form.classList.add("collection-busy");
     results.setAttribute("aria-busy", "true");
     try {
-      const response = await fetch(form.action, { method: "POST", body: new FormData(form), headers: { Accept: "text/html" } });
+      const token = form.querySelector("input[name=csrftoken]").value;
+      const response = await fetch(form.action, {
+        method: "POST", body: new FormData(form), headers: { Accept: "text/html", "x-csrftoken": token },
+      });
       const page = new DOMParser().parseFromString(await response.text(), "text/html");
       const answer = page.getElementById("collection-search-results");
       if (!answer) {
