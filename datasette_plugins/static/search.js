@@ -1,7 +1,7 @@
 // Search by example. On /-/search: an image dropped anywhere on the page, pasted, or
 // chosen is posted at once with the page's form (its CSRF token included) and the
-// server's results replace the old ones, beside a preview of the image (which the server
-// never stores). Without this script the form posts and the server renders the page.
+// server's results replace the old ones, beside a preview of the image made here (the
+// server never stores it). Without this script the form posts and the server renders the page.
 // On an image page: drag a rectangle over the picture and search for that region.
 document.addEventListener("DOMContentLoaded", () => {
   const form = document.querySelector("form.collection-search-form");
@@ -13,15 +13,12 @@ document.addEventListener("DOMContentLoaded", () => {
 function searchForm(form) {
   const input = form.querySelector("input[type=file]");
   const drop = form.querySelector("[data-drop]");
-  const preview = form.querySelector(".collection-drop-preview");
   let results = document.getElementById("collection-search-results");
   let previewUrl = null;
 
   const show = (file) => {
     if (previewUrl) URL.revokeObjectURL(previewUrl);
     previewUrl = URL.createObjectURL(file);
-    preview.src = previewUrl;
-    preview.hidden = false;
   };
   const choose = (file) => {
     const files = new DataTransfer();
@@ -73,6 +70,10 @@ function searchForm(form) {
     event.preventDefault();
     form.classList.add("collection-busy");
     results.setAttribute("aria-busy", "true");
+    const note = document.createElement("p");
+    note.className = "collection-status";
+    note.textContent = `Searching for ${input.files[0].name}…`;
+    results.replaceChildren(note);
     try {
       const token = form.querySelector("input[name=csrftoken]").value;
       const response = await fetch(form.action, {
