@@ -116,6 +116,25 @@ def test_an_uploaded_copy_finds_its_original(started, collection, page, tmp_path
     assert "by the daemon" in page.locator(".collection-query").inner_text()
     screenshot(page, "search-page-results")
 
+    # Pasted (a screenshot on the clipboard) and dropped: the same search, a cat and then a cup.
+    for event, name in (("paste", "coffee"), ("drop", "chelsea")):
+        page.evaluate(
+            """async ([event, url]) => {
+                const blob = await (await fetch(url)).blob();
+                const files = new DataTransfer();
+                files.items.add(new File([blob], "from-clipboard.jpg", { type: "image/jpeg" }));
+                const init = event === "paste" ? { clipboardData: files } : { dataTransfer: files };
+                const Kind = event === "paste" ? ClipboardEvent : DragEvent;
+                document.body.dispatchEvent(new Kind(event, { ...init, bubbles: true, cancelable: true }));
+            }""",
+            [event, f"/-/thumbnail/{ids[name + '-crop.jpg']}.jpg"],
+        )
+        page.wait_for_function(
+            "name => (document.querySelector('.collection-search-results figcaption a') || {}).textContent"
+            "?.startsWith(name)", arg=name,
+        )
+        assert all(n.startswith(name) for n in result_names(page)[:3]), result_names(page)
+
     truncated = tmp_path / "cut.jpg"
     truncated.write_bytes(upload.read_bytes()[:2000])
     page.set_input_files("input[type=file]", str(truncated))
