@@ -75,7 +75,7 @@ def page():
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page = browser.new_page(viewport={"width": 1280, "height": 900}, has_touch=True)
             page.dialogs = []
             page.on("dialog", lambda dialog: (page.dialogs.append(dialog.message), dialog.dismiss()))
             yield page
@@ -178,6 +178,20 @@ def test_a_region_finds_what_is_in_it(started, page):
 
     page.keyboard.press("Escape")
     assert page.locator(".collection-region-box").is_hidden() and page.locator(".collection-region-bar a").is_hidden()
+
+    # A finger draws the same rectangle (touch events, as a phone sends them), without scrolling the page.
+    touch = page.context.new_cdp_session(page)
+    path = [(0.1, 0.1), (0.2, 0.4), (0.3, 0.6), (0.4, 0.8)]
+    for i, (fx, fy) in enumerate(path):
+        kind = "touchStart" if i == 0 else "touchMove"
+        touch.send("Input.dispatchTouchEvent",
+                   {"type": kind, "touchPoints": [{"x": r["x"] + r["width"] * fx, "y": r["y"] + r["height"] * fy}]})
+    touch.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+    href = page.locator(".collection-region-bar a").get_attribute("href")
+    box = [float(v) for v in href.split("box=")[1].replace("%2C", ",").split(",")]
+    assert box == pytest.approx([0.1, 0.1, 0.4, 0.8], abs=0.01), href
+    assert page.evaluate("window.scrollY") == 0
+    page.keyboard.press("Escape")
     page.mouse.move(r["x"] + r["width"] * 0.02, r["y"] + r["height"] * 0.03)  # now the cat's half
     page.mouse.down()
     page.mouse.move(r["x"] + r["width"] * 0.48, r["y"] + r["height"] * 0.97, steps=6)
