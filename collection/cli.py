@@ -502,7 +502,11 @@ def similar(image, k, min_score, as_json, db_path):
     if row is not None and row["deleted_at"] is None:
         found = searcher.similar(row["id"], k, min_score)
     elif os.path.isfile(image):
-        found = searcher.similar_to_vector(_embed_file(store, image, db_path), k, min_score)
+        embedding = _embed_file(store, image, db_path)
+        if not as_json:
+            where = {"daemon": "the watcher daemon", "worker": "the embedding worker"}.get(embedding.via, "this process")
+            click.echo(f"Embedded by {where} in {embedding.seconds:.2f} s", err=True)
+        found = searcher.similar_to_vector(embedding.vector, k, min_score)
     else:
         raise click.ClickException(f"no image {image!r} in {db_path}, and no such file")
     paths = dict(store.db.execute(
@@ -518,7 +522,7 @@ def similar(image, k, min_score, as_json, db_path):
 
 
 def _embed_file(store: Store, path: str, db_path: str):
-    """The vector of an image file that is not in the collection, from its model: by the
+    """The Embedding of an image file that is not in the collection, from its model: by the
     watcher daemon when one runs, else loaded here (quicker for one file than starting a
     worker, and nothing is left running)."""
     from . import files
@@ -539,9 +543,7 @@ def _embed_file(store: Store, path: str, db_path: str):
             embedding = compute(model, data)
     except EmbedError as e:
         raise click.ClickException(f"{path}: {e.message}") from None
-    where = {"daemon": "the watcher daemon", "worker": "the embedding worker"}.get(embedding.via, "this process")
-    click.echo(f"Embedded by {where} in {embedding.seconds:.2f} s", err=True)
-    return embedding.vector
+    return embedding
 
 
 @cli.command(name="index")
