@@ -160,7 +160,7 @@ def check_csrf(request, form: dict[str, uploads.Part]) -> None:
         return
     part = form.get("csrftoken")
     given = headers.get("x-csrftoken") or (part.text if part is not None and part.filename is None else "")
-    if not given or not secrets.compare_digest(given, expected()):
+    if not given or not secrets.compare_digest(given.encode(), expected().encode()):  # bytes: any text compares
         raise Rejected(403, "the form's CSRF token is missing or out of date: reload the page and try again")
 
 
