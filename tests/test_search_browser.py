@@ -7,7 +7,6 @@ screenshots/ (git-ignored)."""
 
 from __future__ import annotations
 
-import io
 import subprocess
 
 import httpx
