@@ -203,3 +203,23 @@ def test_a_region_finds_what_is_in_it(started, page):
     assert "cat-and-cup.jpg" not in names
     assert page.locator(".collection-region-shown span").count() == 1  # the region drawn on the thumbnail
     screenshot(page, "search-page-region-results")
+
+
+def test_without_javascript_the_form_posts_and_the_server_renders(started, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    base, ids, _ = started
+    upload = tmp_path / "cup.png"
+    Image.fromarray(sample_photos()["coffee"]).resize((200, 133)).save(upload)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(java_script_enabled=False).new_page()
+            page.goto(f"{base}/-/search")
+            page.set_input_files("input[type=file]", str(upload))
+            page.locator("input[type=submit]").click()  # a plain form post, its CSRF token included
+            page.wait_for_selector(".collection-search-results figure")
+            assert result_names(page)[0].startswith("coffee"), result_names(page)
+            assert "cup.png" in page.locator(".collection-query").inner_text()
+        finally:
+            browser.close()
