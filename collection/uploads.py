@@ -81,15 +81,19 @@ async def read_form(receive, headers: dict[str, str], max_file_bytes: int) -> di
         )
     if content_type == "multipart/form-data" and not options.get(b"boundary"):
         raise Rejected(400, "a multipart/form-data body needs a boundary in its Content-Type")
-    body = await read_body(receive, headers, max_file_bytes + FORM_SLACK, max_file_bytes)
     if content_type == "application/x-www-form-urlencoded":
-        if len(body) > FIELD_MAX * 4:
-            raise Rejected(413, "a form without a file is at most a few kilobytes: send the image as multipart/form-data")
+        try:
+            body = await read_body(receive, headers, FIELD_MAX * 4)
+        except Rejected as e:
+            if e.status != 413:
+                raise
+            raise Rejected(413, "a form without a file is at most a few kilobytes: send the image as multipart/form-data") from None
         fields = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
         form: dict[str, Part] = {}
         for name, value in fields:
             form.setdefault(name, Part(name, value.encode()))
         return form
+    body = await read_body(receive, headers, max_file_bytes + FORM_SLACK, max_file_bytes)
     form = parse_multipart(body, options[b"boundary"])
     for part in form.values():
         if part.filename is None and len(part.data) > FIELD_MAX:

@@ -100,10 +100,14 @@ def test_a_body_without_a_length_is_refused_once_it_passes_the_limit():
         ({"image": ("a.txt", b"hello", "text/plain")}, None, 415, "text/plain, not an image"),
         ({"image": ("a.png", b"x" * 2000, "image/png")}, None, 413, "2,000 bytes, over the limit of 1,000"),
         ({"box": "0," * 3000}, None, 400, "over 4,096 bytes"),
+        ("image_id=1&box=" + "0," * 10000, {"content-type": "application/x-www-form-urlencoded"}, 413, "at most a few"),
     ],
 )
 def test_what_is_not_a_form_with_an_image_is_refused(fields, headers, status, words):
-    body, made = multipart(fields) if fields else (b"{}", {})
+    if isinstance(fields, str):
+        body, made = fields.encode(), {}
+    else:
+        body, made = multipart(fields) if fields else (b"{}", {})
     receive, _ = feeder(body)
     with pytest.raises(Rejected) as refused:
         asyncio.run(read_form(receive, headers or made, 1000))
