@@ -2,6 +2,13 @@
 
     .venv/bin/python bench/serve.py --images 10000 --requests 200
     .venv/bin/python bench/serve.py --gallery-only 1000000 --requests 200
+    .venv/bin/python bench/serve.py --search PHOTOS_FOLDER --requests 50
+
+--search times search by upload (POST /-/search.json) with real EfficientNet-Lite0
+weights instead: a collection (cached) of the folder's photos and three variants of
+each, searched with flipped, 2/3-size, re-encoded (JPEG q85) copies of the photos.
+Cold: no daemon, so the first call starts a worker (its seconds are the model load),
+then the warm worker; warm: a running `collection watch` daemon answers.
 
 Makes (once, cached) a collection of synthetic rows: clustered random unit vectors,
 five labels each and a few hundred distinct thumbnails, no model. Builds its Annoy
@@ -184,11 +191,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(db_path: Path, port: int) -> subprocess.Popen:
+def serve(db_path: Path, port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
     process = subprocess.Popen(
         [sys.executable, "-m", "collection", "serve", "--db", str(db_path), "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -211,6 +219,142 @@ def timed(conn: http.client.HTTPConnection, path: str) -> float:
     return (time.perf_counter() - started) * 1000
 
 
+def search_collection(photos: Path) -> tuple[Path, Path]:
+    """(Once, cached) the photos and a flipped, a cropped and a darker copy of each, added
+    with `collection add` (real weights); the folder and the database."""
+    from PIL import ImageEnhance, ImageOps
+
+    sources = sorted(p for p in photos.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    folder = CACHE / f"search-{len(sources)}" / "photos"
+    db_path = folder.parent / "collection.db"
+    if db_path.exists():
+        return folder, db_path
+    folder.mkdir(parents=True, exist_ok=True)
+    for source in sources:
+        image = Image.open(source).convert("RGB")
+        w, h = image.size
+        image.save(folder / f"{source.stem}.jpg", quality=90)
+        ImageOps.mirror(image).save(folder / f"{source.stem}-flipped.jpg", quality=90)
+        image.crop((w // 8, h // 8, w - w // 8, h - h // 8)).save(folder / f"{source.stem}-crop.jpg", quality=90)
+        ImageEnhance.Brightness(image).enhance(0.7).save(folder / f"{source.stem}-dark.jpg", quality=90)
+    subprocess.run([sys.executable, "-m", "collection", "add", str(folder), "--db", str(db_path)],
+                   check=True, stdout=subprocess.DEVNULL)
+    return folder, db_path
+
+
+def uploads(photos: Path, megapixels: float | None = None) -> list[tuple[str, bytes]]:
+    """A flipped, 2/3-size JPEG (q85) of each photo, a copy a person would search with,
+    by the photo's name; with ``megapixels``, scaled up to that many instead (a phone's)."""
+    out = []
+    for source in sorted(p for p in photos.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")):
+        image = Image.open(source).convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        scale = (megapixels * 1e6 / (image.width * image.height)) ** 0.5 if megapixels else 2 / 3
+        image = image.resize((round(image.width * scale), round(image.height * scale)))
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=85)
+        out.append((source.stem, buffer.getvalue()))
+    return out
+
+
+def post_image(conn: http.client.HTTPConnection, data: bytes) -> tuple[float, dict]:
+    """POST /-/search.json with the image as multipart; seconds and the answer."""
+    boundary = "bench-boundary-7d1f"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="upload.jpg"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    started = time.perf_counter()
+    conn.request("POST", "/-/search.json?k=10", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    response = conn.getresponse()
+    answer = json.loads(response.read())
+    seconds = time.perf_counter() - started
+    if response.status != 200:
+        raise SystemExit(f"search: HTTP {response.status}: {answer}")
+    return seconds, answer
+
+
+def time_search(photos: Path, requests: int) -> None:
+    from collection.embedder import ping
+
+    started = time.perf_counter()
+    folder, db_path = search_collection(photos)
+    images, large = uploads(photos), uploads(photos, megapixels=12)
+    print(f"collection: {len(list(folder.iterdir()))} images (real EfficientNet-Lite0), {db_path} "
+          f"(ready in {time.perf_counter() - started:.1f}s); uploads: {len(images)} copies, "
+          f"median {statistics.median(len(i) for _, i in images) / 1e3:.0f} KB; 12 MP copies median "
+          f"{statistics.median(len(i) for _, i in large) / 1e6:.1f} MB")
+    if ping(db_path):
+        raise SystemExit(f"something already answers image searches for {db_path}: stop it first")
+    rows = []
+
+    def measure(name: str, conn, count: int, copies=images) -> None:
+        times, embeds, found = [], [], 0
+        for n in range(count):
+            stem, data = copies[n % len(copies)]
+            seconds, answer = post_image(conn, data)
+            times.append(seconds)
+            embeds.append(answer["seconds"])
+            found += Path(answer["results"][0]["path"]).stem.startswith(stem)
+        rows.append((name, count, times, embeds, found))
+
+    port = free_port()
+    server = serve(db_path, port, {"COLLECTION_EMBED_IDLE": "600"})
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        seconds, answer = post_image(conn, images[0][1])
+        assert answer["via"] == "worker", answer["via"]
+        first = Path(answer["results"][0]["path"]).stem.startswith(images[0][0])
+        rows.append(("cold: first call, starts a worker", 1, [seconds], [answer["seconds"]], first))
+        for _, data in images[:3]:  # warm-up, left out
+            post_image(conn, data)
+        measure("cold: then the warm worker", conn, requests)
+        conn.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        worker = ping(db_path)
+        if worker:
+            os.kill(worker["pid"], 15)
+    _wait_gone(db_path)
+
+    daemon = subprocess.Popen([sys.executable, "-m", "collection", "watch", str(folder), "--db", str(db_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port = free_port()
+    server = serve(db_path, port)
+    try:
+        deadline = time.monotonic() + 300
+        while not (ping(db_path) or {}).get("model"):
+            if time.monotonic() > deadline or daemon.poll() is not None:
+                raise SystemExit("the daemon did not answer")
+            time.sleep(0.2)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        for _, data in images[:3]:
+            post_image(conn, data)
+        measure("warm: `collection watch` daemon", conn, requests)
+        measure("warm: daemon, 12 MP JPEG copies", conn, max(requests // 4, len(large)), large)
+        conn.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        daemon.terminate()
+        daemon.wait(timeout=60)
+
+    print(f"\nsearch by upload, POST /-/search.json, k=10, sequential, keep-alive")
+    print("(embed: decoding and the model, in the daemon or worker; top-1: the first result is the photo or a copy of it)")
+    print(f"{'case':<36} {'calls':>5} {'p50 s':>7} {'p95 s':>7} {'max s':>7} {'embed p50 s':>12} {'top-1':>6}")
+    for name, count, times, embeds, found in rows:
+        ms = sorted(times)
+        p95 = ms[min(len(ms) - 1, round(0.95 * (len(ms) - 1)))]
+        print(f"{name:<36} {count:>5} {statistics.median(ms):>7.3f} {p95:>7.3f} {ms[-1]:>7.3f} "
+              f"{statistics.median(embeds):>12.3f} {found / count:>6.0%}")
+
+
+def _wait_gone(db_path: Path) -> None:
+    from collection.embedder import ping
+
+    deadline = time.monotonic() + 30
+    while ping(db_path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=10_000)
@@ -219,6 +363,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--gallery-only", type=int, metavar="IMAGES",
                         help="time only the gallery's SQL, at this many images (e.g. 1000000)")
+    parser.add_argument("--search", type=Path, metavar="PHOTOS",
+                        help="time search by upload instead, with a collection made from this folder of photos")
     args = parser.parse_args()
 
     flags = subprocess.run(
@@ -227,6 +373,9 @@ def main() -> None:
     print(f"CPU flags: {' '.join(sorted(set(flags))) or 'none of avx2, avx512, amx'}")
     if args.gallery_only:
         time_gallery_queries(args.gallery_only, args.requests)
+        return
+    if args.search:
+        time_search(args.search, args.requests)
         return
     started = time.perf_counter()
     db_path = collection(args.images, args.unindexed, args.dimensions)

@@ -188,6 +188,12 @@ def similar_page(conn: sqlite3.Connection, image_id: int, neighbours: list[tuple
             [image_id],
         )
     )
+    image["name"] = os.path.basename(image["path"])
+    return {"image": image, "labels": labels, "similar": neighbour_rows(conn, neighbours)}
+
+
+def neighbour_rows(conn: sqlite3.Connection, neighbours: list[tuple[int, float]]) -> list[dict]:
+    """The images rows of a search's ``(id, score)`` neighbours, in order, with their scores."""
     ids = [n for n, _ in neighbours]
     rows = {}
     if ids:
@@ -199,13 +205,10 @@ def similar_page(conn: sqlite3.Connection, image_id: int, neighbours: list[tuple
                 ids,
             )
         ):
+            row["name"] = os.path.basename(row["path"])
             rows[row["id"]] = row
-    similar = [
-        {**rows[n], "score": score} for n, score in neighbours if n in rows
-    ]  # a row deleted between the index query and this read is left out
-    for row in (image, *similar):
-        row["name"] = os.path.basename(row["path"])
-    return {"image": image, "labels": labels, "similar": similar}
+    # a row deleted between the index query and this read is left out
+    return [{**rows[n], "score": score} for n, score in neighbours if n in rows]
 
 
 def collection_totals(conn: sqlite3.Connection) -> dict:

@@ -180,6 +180,8 @@ def home_pages(datasette) -> list[dict]:
         pages.append(("Duplicates", "/-/duplicates", "exact and near-identical copies, to review"))
     if "datasette_plugins.labels_plugin" in installed:
         pages.append(("Labels", "/-/labels", "the labels and the WordNet categories above them"))
+    if "datasette_plugins.search_plugin" in installed:
+        pages.append(("Search by example", "/-/search", "drop, paste or choose a picture; or a region of one"))
     pages += [
         ("Search by label", "/-/gallery#search", "images the model gave a label"),
         ("Watcher status", "/-/status", "what the watcher is doing now, and how current the index and map are"),
