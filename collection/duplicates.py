@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from .background import Jobs
 from .store import Store, decode, now
 
 TIERS = ("exact", "near", "similar")
@@ -85,7 +86,7 @@ on_regroup_chunk: Callable[[int], None] | None = None
 
 log = logging.getLogger(__name__)
 _locks: dict[str, threading.Lock] = {}  # one writer of a database's groups per process
-_regroupers: dict[str, tuple[threading.Thread, threading.Event]] = {}
+_regroupers = Jobs("grouping the duplicates")
 _registry_lock = threading.Lock()
 
 
@@ -234,40 +235,16 @@ def regroup(store: Store, stop: threading.Event | None = None) -> int:
 
 def regroup_in_background(db_path: str | Path) -> bool:
     """Start ``regroup`` in a thread with its own connection unless one runs; True when started."""
-    key = os.path.realpath(db_path)
-    with _registry_lock:
-        running = _regroupers.get(key)
-        if running is not None and running[0].is_alive():
-            return False
-        stop = threading.Event()
-
-        def run() -> None:
-            store = Store(key)
-            try:
-                regroup(store, stop)
-            except Exception:  # the next batch starts it again
-                log.exception("grouping the duplicates of %s failed", key)
-            finally:
-                store.close()
-
-        thread = threading.Thread(target=run, name="duplicates-regroup", daemon=True)
-        _regroupers[key] = (thread, stop)
-        thread.start()
-        return True
+    return _regroupers.start(db_path, regroup)
 
 
 def stop_regrouping(db_path: str | Path, timeout: float | None = None) -> None:
     """Stop a background regrouping after its current chunk (it resumes next time) and wait."""
-    running = _regroupers.get(os.path.realpath(db_path))
-    if running is not None:
-        running[1].set()
-        running[0].join(timeout)
+    _regroupers.stop(db_path, timeout)
 
 
 def wait_for_regroup(db_path: str | Path, timeout: float | None = None) -> None:
-    running = _regroupers.get(os.path.realpath(db_path))
-    if running is not None:
-        running[0].join(timeout)
+    _regroupers.wait(db_path, timeout)
 
 
 def _lock_for(db_path: str | Path) -> threading.Lock:

@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 from typing import Iterable
 
+from .background import Jobs
 from .index import last_change, prune_changes
 from .search import MATCHES_K, MIN_SCORE, open_index
 from .store import Store
@@ -29,7 +30,7 @@ FILL_CHUNK = 500  # images per transaction of a background fill
 
 log = logging.getLogger(__name__)
 _locks: dict[str, threading.Lock] = {}  # one writer of a database's matches per process
-_fillers: dict[str, tuple[threading.Thread, threading.Event]] = {}
+_fillers = Jobs("filling the matches table")
 _registry_lock = threading.Lock()
 
 
@@ -157,40 +158,16 @@ def fill(store: Store, k: int = MATCHES_K, min_score: float = MIN_SCORE, stop: t
 
 def fill_in_background(db_path: str | Path, k: int = MATCHES_K, min_score: float = MIN_SCORE) -> bool:
     """Start ``fill`` in a thread with its own connection unless one runs; True when started."""
-    key = os.path.realpath(db_path)
-    with _registry_lock:
-        running = _fillers.get(key)
-        if running is not None and running[0].is_alive():
-            return False
-        stop = threading.Event()
-
-        def run() -> None:
-            store = Store(key)
-            try:
-                fill(store, k, min_score, stop)
-            except Exception:  # the next batch starts it again
-                log.exception("filling the matches table of %s failed", key)
-            finally:
-                store.close()
-
-        thread = threading.Thread(target=run, name="matches-fill", daemon=True)
-        _fillers[key] = (thread, stop)
-        thread.start()
-        return True
+    return _fillers.start(db_path, lambda store, stop: fill(store, k, min_score, stop))
 
 
 def stop_filling(db_path: str | Path, timeout: float | None = None) -> None:
     """Stop a background fill after its current chunk (it resumes next time) and wait."""
-    running = _fillers.get(os.path.realpath(db_path))
-    if running is not None:
-        running[1].set()
-        running[0].join(timeout)
+    _fillers.stop(db_path, timeout)
 
 
 def wait_for_fill(db_path: str | Path, timeout: float | None = None) -> None:
-    running = _fillers.get(os.path.realpath(db_path))
-    if running is not None:
-        running[0].join(timeout)
+    _fillers.wait(db_path, timeout)
 
 
 def _write_list(db, image_id: int, found: list[tuple[int, float]]) -> None:
