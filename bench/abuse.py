@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from conftest import free_port, responds  # noqa: E402
 from hostile import SYSTEM_TARGETS, make_corpus  # noqa: E402
+from machine import cpu_flags  # noqa: E402  (bench/machine.py, beside this script)
 
 
 def query(db: Path, sql: str, params=()) -> list[tuple]:
@@ -215,11 +216,7 @@ def main() -> None:
         ms = np.array(readers.latencies[phase]) * 1000
         return f"{np.percentile(ms, 50):.1f} / {np.percentile(ms, 99):.1f} ms" if len(ms) else "no answers"
 
-    cpu = subprocess.run(
-        "grep -o -w 'avx512[a-z_0-9]*\\|avx2\\|amx[a-z_]*' /proc/cpuinfo | sort -u | tr '\\n' ' '",
-        shell=True, capture_output=True, text=True,
-    ).stdout.strip()
-    print(f"\nmachine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, CPU flags: {cpu or '(none)'}")
+    print(f"\nmachine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, CPU flags: {cpu_flags()}")
     print(f"command: {' '.join(sys.argv)}")
     print(f"model {args.model}; {len(photos)} photos seeded; burst of {len(burst)} stored in {seconds:.0f} s; "
           f"{args.readers} readers, {readers.answers} answers\n")

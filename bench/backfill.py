@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 from PIL import Image
+
+from machine import cpu_flags  # bench/machine.py, beside this script
 
 ROOT = Path(__file__).resolve().parent.parent
 SEEDS = ROOT.parent / "shared" / "photos"
@@ -131,11 +132,6 @@ def model_seconds_per_image(files: list[Path], model_name: str) -> float:
     for i in range(0, len(pixels), model.batch_size):
         model.embed_batch(pixels[i : i + model.batch_size])
     return (time.process_time() - started) / len(pixels)
-
-
-def cpu_flags() -> str:
-    flags = set(re.findall(r"\b(avx512[a-z_0-9]*|avx2|amx[a-z_0-9]*)\b", Path("/proc/cpuinfo").read_text()))
-    return " ".join(sorted(flags)) or "(none of avx2/avx512/amx)"
 
 
 def import_writes_per_second(shards_folder: Path, db: Path) -> float:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 
 from collection import categories
 from collection.store import Store
+from machine import cpu_flags  # bench/machine.py, beside this script
 
 DOG, ANIMAL = "n02084071", "n00015388"
 
@@ -92,11 +92,7 @@ def main() -> None:
          f"{n / (median_ms(lambda: categories.recompute(store.db, 0.3), times=1) / 1000):,.0f}"),
     ]
     store.close()
-    flags = subprocess.run(
-        "grep -o -w 'avx512[a-z_0-9]*\\|avx2\\|amx[a-z_]*' /proc/cpuinfo | sort -u | tr '\\n' ' '",
-        shell=True, capture_output=True, text=True,
-    ).stdout
-    print(f"{n:,} images, threshold {at:g}; CPU flags: {flags}")
+    print(f"{n:,} images, threshold {at:g}; CPU flags: {cpu_flags()}")
     print("| measure | value |\n| --- | ---: |")
     for name, value in results:
         print(f"| {name} | {value} |")

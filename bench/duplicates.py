@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +45,7 @@ from collection.ingest import Ingester  # noqa: E402
 from collection.models import get_model  # noqa: E402
 from collection.store import Store  # noqa: E402
 from collection.upkeep import Upkeep  # noqa: E402
+from machine import cpu_flags  # noqa: E402  (bench/machine.py, beside this script)
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "photos"
 SHARED_FALLBACK = Path("/work/shared/photos")
@@ -246,17 +246,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="efficientnet_lite0,inception_v3:random")
     args = parser.parse_args()
-    flags = subprocess.run(
-        "grep -o -w 'avx512[a-z_0-9]*\\|avx2\\|amx[a-z_]*' /proc/cpuinfo | sort -u | tr '\\n' ' '",
-        shell=True, capture_output=True, text=True,
-    ).stdout.strip()
+    flags = cpu_flags()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "set"
         folder.mkdir()
         labels = write_set(folder)
         kinds = [kind for _, kind in labels.values()]
         print(f"command: {' '.join(sys.argv)}")
-        print(f"CPU flags: {flags or '(none of avx2/avx512/amx)'}; {os.cpu_count()} cores, shared machine")
+        print(f"CPU flags: {flags}; {os.cpu_count()} cores, shared machine")
         print(
             f"{len(labels)} files from {kinds.count('original')} originals: {kinds.count('copy')} exact copies, "
             f"{kinds.count(POSITIVE)} near-duplicates, {kinds.count(NEGATIVE) + kinds.count(PAN)} hard negatives\n"

@@ -31,12 +31,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from machine import cpu_flags  # bench/machine.py, beside this script
+
 ROOT = Path(__file__).resolve().parent.parent
 # The real photos beside the checkout (/work/main -> /work/shared/photos), or where the env says.
 SEEDS = Path(os.environ.get("COLLECTION_PHOTOS") or ROOT.parent / "shared" / "photos")
 CACHE = Path(tempfile.gettempdir()) / "collection-bench"
 CORES = os.cpu_count() or 1
-CPU_FLAGS = "grep -o -w 'avx512[a-z_0-9]*\\|avx2\\|amx[a-z_0-9]*' /proc/cpuinfo | sort -u"
 
 
 def seed_photos() -> list[Image.Image]:
@@ -371,9 +372,8 @@ def main() -> None:
 
     corpus = build_corpus(args.count)
     megapixels = np.mean([np.prod(Image.open(p).size) for p in corpus.iterdir()]) / 1e6
-    flags = subprocess.run(CPU_FLAGS, shell=True, capture_output=True, text=True).stdout.split()
     print(f"corpus: {args.count} files, mean {megapixels:.1f} MP, in {corpus} (from {SEEDS if 'photos' in corpus.name else 'scikit samples'})")
-    print(f"machine: {CORES} cores; CPU flags: {' '.join(flags) or '(none of avx2/avx512/amx)'}")
+    print(f"machine: {CORES} cores; CPU flags: {cpu_flags()}")
     print(f"command: {' '.join(sys.argv)}\n")
     configs = [(rt, p) for p in args.precisions.split(",") for rt in args.runtimes.split(",")]
     rows = []

@@ -19,12 +19,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest import CPU_FLAGS, build_corpus, run_agreement  # noqa: E402  (the same corpus and measure)
+from ingest import build_corpus, run_agreement  # noqa: E402  (the same corpus and measure)
+from machine import cpu_flags  # noqa: E402
 
 
 def main() -> None:
-    import subprocess
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--models", default="efficientnet_lite0")
@@ -32,8 +31,7 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32,bf16")
     args = parser.parse_args()
     files = sorted(build_corpus(args.count).iterdir())
-    flags = subprocess.run(CPU_FLAGS, shell=True, capture_output=True, text=True).stdout.split()
-    print(f"{len(files)} files from real photos; CPU flags: {' '.join(flags)}; command: {' '.join(sys.argv)}\n")
+    print(f"{len(files)} files from real photos; CPU flags: {cpu_flags()}; command: {' '.join(sys.argv)}\n")
     print("| model | runtime | precision | top-1 agreement | mean overlap of 10 NN | min cosine |")
     print("| --- | --- | --- | ---: | ---: | ---: |")
     configs = [(r, p) for p in args.precisions.split(",") for r in args.runtimes.split(",")]

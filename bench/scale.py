@@ -40,6 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest import build_corpus  # noqa: E402  (bench/ingest.py: distinct real photos)
 from serve import free_port, serve, thumbnails  # noqa: E402  (bench/serve.py: `collection serve`, synthetic thumbnails)
+from machine import cpu_flags  # noqa: E402  (bench/machine.py, beside this script)
 
 from collection import projection  # noqa: E402
 from collection.index import build, open_index  # noqa: E402
@@ -366,9 +367,7 @@ def main() -> None:
             for name, times in run_serve(served, args.requests):
                 rows_serve.append(f"| {size:,} | {name} | {len(times)} | {pct(times, 0.5) * 1000:.0f} | "
                                   f"{pct(times, 0.95) * 1000:.0f} |")
-    flags = subprocess.run("grep -o -w 'avx512[a-z_0-9]*\\|avx2\\|amx[a-z_]*' /proc/cpuinfo | sort -u | tr '\\n' ' '",
-                           shell=True, capture_output=True, text=True).stdout.strip()
-    print(f"\nCPU: {os.cpu_count()} cores, flags: {flags or 'none of avx2/avx512/amx'}; "
+    print(f"\nCPU: {os.cpu_count()} cores, flags: {cpu_flags()}; "
           f"{args.dimensions}-d vectors, model {MODEL}\n")
     if rows_add:
         print(f"`collection add` of {ADD_COUNT} photos (whole process)\n")

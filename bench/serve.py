@@ -38,6 +38,7 @@ from PIL import Image
 
 from collection.index import build
 from collection.store import Store, encode, now
+from machine import cpu_flags  # bench/machine.py, beside this script
 
 CACHE = Path(tempfile.gettempdir()) / "collection-bench"
 WARM_UP = 10  # requests per endpoint left out of the figures
@@ -337,7 +338,7 @@ def time_search(photos: Path, requests: int) -> None:
         daemon.terminate()
         daemon.wait(timeout=60)
 
-    print(f"\nsearch by upload, POST /-/search.json, k=10, sequential, keep-alive")
+    print("\nsearch by upload, POST /-/search.json, k=10, sequential, keep-alive")
     print("(embed: decoding and the model, in the daemon or worker; top-1: the first result is the photo or a copy of it)")
     print(f"{'case':<36} {'calls':>5} {'p50 s':>7} {'p95 s':>7} {'max s':>7} {'embed p50 s':>12} {'top-1':>6}")
     for name, count, times, embeds, found in rows:
@@ -367,10 +368,7 @@ def main() -> None:
                         help="time search by upload instead, with a collection made from this folder of photos")
     args = parser.parse_args()
 
-    flags = subprocess.run(
-        ["grep", "-o", "-w", r"avx512[a-z_0-9]*\|avx2\|amx[a-z_]*", "/proc/cpuinfo"], capture_output=True, text=True
-    ).stdout.split()
-    print(f"CPU flags: {' '.join(sorted(set(flags))) or 'none of avx2, avx512, amx'}")
+    print(f"CPU flags: {cpu_flags()}")
     if args.gallery_only:
         time_gallery_queries(args.gallery_only, args.requests)
         return

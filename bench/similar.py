@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,16 +40,15 @@ from annoy import AnnoyIndex
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from collection.index import N_TREES, SEGMENT_MIN, Indexer, Searcher, build, search_k_for  # noqa: E402
 from collection.store import Store  # noqa: E402
+from machine import cpu_flags  # noqa: E402  (bench/machine.py, beside this script)
 
 D = 2048
 K = 10
 CHUNK = 10_000
 
 
-def cpu_flags() -> None:
-    flags = subprocess.run("grep -o -w 'avx512[a-z_0-9]*\\|avx2\\|amx[a-z_]*' /proc/cpuinfo | sort -u | tr '\\n' ' '",
-                           shell=True, capture_output=True, text=True).stdout.strip()
-    print(f"CPU: {os.cpu_count()} cores, flags: {flags or 'none of avx2/avx512/amx'}")
+def print_machine() -> None:
+    print(f"CPU: {os.cpu_count()} cores, flags: {cpu_flags()}")
 
 
 def parse_size(text: str) -> int:
@@ -355,7 +353,7 @@ def main_backfill(args) -> None:
     print(
         f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; command: {' '.join(sys.argv)}"
     )
-    cpu_flags()
+    print_machine()
     with contextlib.ExitStack() as stack:
         if args.keep:
             tmp = Path(args.keep)
@@ -418,7 +416,7 @@ def main() -> None:
     print(
         f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; command: {' '.join(sys.argv)}"
     )
-    cpu_flags()
+    print_machine()
     rows = []
     for size in [parse_size(s) for s in args.sizes.split(",")]:
         with tempfile.TemporaryDirectory(dir=args.tmp, prefix="bench-similar-") as tmp:
