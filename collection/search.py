@@ -52,6 +52,9 @@ _RETRIES = (20, 0.01)  # tries, seconds apart, when a build replaces files mid-r
 
 # Live vectors of the model for a JSON array of ids. The ids drive the plan (a list
 # subquery, then primary-key lookups): a join on json_each would scan every live image.
+# Every live image's vector of the collection's model (bind the model): the rows the
+# tail, the streamed search and their counts read.
+_EVERY_LIVE = "from vectors v join images i on i.id = v.image_id where i.deleted_at is null and v.model = ?"
 _LIVE_VECTORS = (
     "select v.image_id, v.vector from vectors v join images i on i.id = v.image_id "
     "where v.image_id in (select value from json_each(?)) and i.deleted_at is null and v.model = ?"
@@ -243,11 +246,7 @@ class Searcher:
         items = sum(r["items"] for r in records)
         unindexed = len(state.tail_ids) - int(np.count_nonzero(state.tail_ids < 0))
         if state.streamed:
-            unindexed = self._thread_conn().execute(
-                "select count(*) from vectors v join images i on i.id = v.image_id "
-                "where i.deleted_at is null and v.model = ?",
-                [state.model],
-            ).fetchone()[0]
+            unindexed = self._thread_conn().execute(f"select count(*) {_EVERY_LIVE}", [state.model]).fetchone()[0]
         return {
             "model": state.model,
             "indexed": max(0, items - dead),
@@ -357,8 +356,7 @@ class Searcher:
         else:
             self._covered, self._read_upto, self._tail, self._gone = 0, 0, Tail(), {}
             live = self._conn.execute(
-                "select count(*) from (select 1 from vectors v join images i on i.id = v.image_id "
-                "where i.deleted_at is null and v.model = ? limit ?)",
+                f"select count(*) from (select 1 {_EVERY_LIVE} limit ?)",
                 [self._record.get("model"), STREAM_FROM + 1],
             ).fetchone()[0]
             # Too many to hold: queries read them from SQLite, and the tail (read from
@@ -373,8 +371,7 @@ class Searcher:
         self._read_upto = last_change(self._conn)
         rows = self._conn.execute(
             "select v.image_id, v.vector, (select coalesce(max(seq), 0) from vector_changes c "
-            "where c.image_id = v.image_id) from vectors v join images i on i.id = v.image_id "
-            "where i.deleted_at is null and v.model = ?",
+            f"where c.image_id = v.image_id) {_EVERY_LIVE}",
             [self._record.get("model")],
         )
         for image_id, blob, seq in rows:
@@ -448,11 +445,7 @@ class Searcher:
 
     def _search_streamed(self, state: State, vector: np.ndarray, want: int) -> dict[int, float]:
         """Exact search over every live vector, read from SQLite STREAM_CHUNK at a time."""
-        rows = self._thread_conn().execute(
-            "select v.image_id, v.vector from vectors v join images i on i.id = v.image_id "
-            "where i.deleted_at is null and v.model = ?",
-            [state.model],
-        )
+        rows = self._thread_conn().execute(f"select v.image_id, v.vector {_EVERY_LIVE}", [state.model])
         best: list[tuple[float, int]] = []  # a min-heap of the best ``want``
         while chunk := rows.fetchmany(STREAM_CHUNK):
             self.vectors_streamed += len(chunk)
