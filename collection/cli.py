@@ -119,6 +119,14 @@ def load_model(store: Store, name: str, weights: str | None, precision: str, run
         raise click.ClickException(str(e)) from None
 
 
+def collection_model(store: Store, weights: str | None = None):
+    """The model the collection's vectors came from (its name and precision), loaded to
+    embed more images like them."""
+    from .models import AUTO
+
+    return load_model(store, AUTO, weights, store.get_meta("precision") or "fp32")
+
+
 def image_row(store: Store, image: str, db_path: str) -> dict:
     """The images row an argument names, by id or path; a clear error when there is none."""
     row = store.by_id(int(image)) if image.isdigit() else store.by_path(os.path.abspath(image))
@@ -543,7 +551,6 @@ def _embed_file(store: Store, path: str, db_path: str):
     worker, and nothing is left running)."""
     from . import files
     from .embedder import EmbedError, NoServer, compute, embed
-    from .models import AUTO
 
     if store.model is None:
         raise click.ClickException("the collection is empty: add images first")
@@ -555,8 +562,7 @@ def _embed_file(store: Store, path: str, db_path: str):
         try:
             embedding = embed(db_path, data, start_worker=False, max_bytes=files.MAX_BYTES)
         except NoServer:
-            model = load_model(store, AUTO, None, store.get_meta("precision") or "fp32")
-            embedding = compute(model, data)
+            embedding = compute(collection_model(store), data)
     except EmbedError as e:
         raise click.ClickException(f"{path}: {e.message}") from None
     return embedding
@@ -662,7 +668,6 @@ def categories_recompute(db_path, threshold, embed, weights):
     server carry on meanwhile), unless --no-embed.
     """
     from . import categories
-    from .models import AUTO
 
     store = open_store(db_path, create=False)
     if threshold is not None:
@@ -679,8 +684,7 @@ def categories_recompute(db_path, threshold, embed, weights):
         click.echo(f"{missing} images have no stored class probabilities: run this without --no-embed "
                    "to run the model over them")
         return
-    model = load_model(store, AUTO, weights or os.environ.get("COLLECTION_WEIGHTS"),
-                       store.get_meta("precision") or "fp32")
+    model = collection_model(store, weights or os.environ.get("COLLECTION_WEIGHTS"))
     click.echo(f"{missing} images have no stored class probabilities: running {model.model_id} over them", err=True)
     with _progress(missing, "Embedding") as update:
         done, skipped = categories.reembed(store.db, model, at, progress=update)

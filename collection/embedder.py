@@ -188,11 +188,7 @@ def embed(
 
 def ping(db_path: str | os.PathLike, timeout: float = 2.0) -> dict | None:
     """Who serves the collection's channel (``pid``, ``via``, ``model``), or None."""
-    try:
-        answer, _ = _ask(socket_path(db_path), {"op": "ping"}, b"", time.monotonic() + timeout)
-    except EmbedError:
-        return None
-    return answer
+    return _ping_path(socket_path(db_path), time.monotonic() + timeout)
 
 
 def _embedding(answer: dict, payload: bytes) -> Embedding:
@@ -270,7 +266,7 @@ def _start_worker(db_path, path: Path, deadline: float) -> None:
             )
             worker.log = log
     while True:
-        if _ping_path(path, deadline):
+        if _ping_path(path, min(deadline, time.monotonic() + 2.0)):
             return
         code = worker.poll()
         if code:  # it failed; 0 means another server won the channel: wait for that one
@@ -286,7 +282,7 @@ def _start_worker(db_path, path: Path, deadline: float) -> None:
 
 def _ping_path(path: Path, deadline: float) -> dict | None:
     try:
-        answer, _ = _ask(path, {"op": "ping"}, b"", min(deadline, time.monotonic() + 2.0))
+        answer, _ = _ask(path, {"op": "ping"}, b"", deadline)
         return answer
     except EmbedError:
         return None
@@ -674,8 +670,7 @@ def _load_model(db_path):
     """The collection's own model, as `collection similar FILE` loads it."""
     import click
 
-    from .cli import load_model, open_store
-    from .models import AUTO
+    from .cli import collection_model, open_store
 
     if not Path(db_path).exists():
         raise EmbedError(503, f"no collection database at {db_path}")
@@ -684,7 +679,7 @@ def _load_model(db_path):
         if store.model is None:
             raise EmbedError(503, "the collection is empty: add images first")
         try:
-            return load_model(store, AUTO, None, store.get_meta("precision") or "fp32")
+            return collection_model(store)
         finally:
             store.close()
     except click.ClickException as e:

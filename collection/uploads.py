@@ -15,6 +15,8 @@ from urllib.parse import parse_qsl
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from .embedder import EmbedError
+
 FORM_SLACK = 64 * 1024  # bytes of a body beyond the image: boundaries, headers, the other fields
 FIELD_MAX = 4096  # bytes of a field that is not a file (csrftoken, k, box, ...)
 # What a file field may say it is: an image, or nothing in particular (curl -F for a
@@ -22,13 +24,8 @@ FIELD_MAX = 4096  # bytes of a field that is not a file (csrftoken, k, box, ...)
 FILE_TYPES = ("image/", "application/octet-stream")
 
 
-class Rejected(Exception):
+class Rejected(EmbedError):
     """A request refused before any embedding; ``status`` is the HTTP status."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass

@@ -100,7 +100,7 @@ async def search(datasette, request):
                 raise Rejected(400, "POST a multipart/form-data field named image, or give image_id (and box)")
             return await render(datasette, request, db, {"k": k, "min_score": min_score})
         found = await run(datasette, db, query)
-    except (Rejected, EmbedError) as e:
+    except EmbedError as e:  # Rejected too: refused before embedding
         if as_json:
             return Response.json({"ok": False, "status": e.status, "error": e.message}, status=e.status)
         error = {"status": e.status, "message": e.message}
