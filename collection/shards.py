@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import categories
+from .sources import is_uri
 from .store import Store, StoreError
 
 IMAGES = "images-"
@@ -254,7 +255,7 @@ def _import_images(store: Store, batch: pa.RecordBatch, model: ModelInfo, summar
             ):
                 summary.unchanged += 1
                 continue
-            if local(path) and not os.path.lexists(path):
+            if not is_uri(path) and not os.path.lexists(path):
                 summary.gone += 1  # deleted or moved since the backfill: `add` would not add it either
                 continue
             moved = None if current and current["sha256"] == row["sha256"] else _moved_from(store, path, row["sha256"])
@@ -279,16 +280,11 @@ def _import_images(store: Store, batch: pa.RecordBatch, model: ModelInfo, summar
     return ids
 
 
-def local(path: str) -> bool:
-    """Whether a shard's path names a file on this machine's filesystem (not ``s3://...``)."""
-    return "://" not in path
-
-
 def _moved_from(store: Store, path: str, sha256: str) -> int | None:
     """The id of a row with this content whose file has gone (marked deleted, or no
     longer on disk): the file was moved to ``path``, and keeps that row's id."""
     for row in store.by_sha256(sha256):
-        gone = row["deleted_at"] is not None or (local(row["path"]) and not os.path.exists(row["path"]))
+        gone = row["deleted_at"] is not None or (not is_uri(row["path"]) and not os.path.exists(row["path"]))
         if row["path"] != path and gone:
             return row["id"]
     return None
