@@ -369,6 +369,130 @@ def m014_projection_side_table(db: sqlite_utils.Database) -> None:
     )
 
 
+# The images table's column facets (metadata.yml) whose counts m015 keeps, and the column
+# an update of which changes each (taken_year is generated from taken_at).
+FACET_COLUMNS = {"format": "format", "camera": "camera", "taken_year": "taken_at"}
+# facet_counts' label for the counts over every image, not those of one label.
+EVERY_IMAGE = ""
+
+
+@migrations()
+def m015_facet_counts(db: sqlite_utils.Database) -> None:
+    """``facet_counts``: what the images page's facets show, kept by triggers like
+    ``label_counts``, so a page filtered by a label counts nothing at request time.
+
+    A row (label, facet, value, images, live): of the images carrying ``label``, how many
+    have ``value`` in ``facet`` (a column of FACET_COLUMNS, or ``labels``: how many also
+    carry the label ``value``, the label itself included), and how many of those are live.
+    ``label`` EVERY_IMAGE holds the column counts over every image. At a million images a
+    label filter's column facets took 90-430 ms each, grouping the rows the filter leaves;
+    here they are one index range. An image counts once per label name, as in
+    ``label_counts``. The first fill reads every label row (about a minute at a million).
+    """
+    db.execute(
+        "create table facet_counts (label text not null, facet text not null, value not null, "
+        "images integer not null, live integer not null, primary key (label, facet, value)) without rowid"
+    )
+    for facet in FACET_COLUMNS:
+        db.execute(
+            f"insert into facet_counts select :every, :facet, {facet}, count(*), sum(deleted_at is null) "
+            f"from images where {facet} is not null group by {facet}",
+            {"every": EVERY_IMAGE, "facet": facet},
+        )
+        db.execute(
+            f"insert into facet_counts select l.label, :facet, i.{facet}, count(*), sum(i.deleted_at is null) "
+            f"from (select distinct image_id, label from labels) l join images i on i.id = l.image_id "
+            f"where i.{facet} is not null group by l.label, i.{facet}",
+            {"facet": facet},
+        )
+    db.execute(
+        "insert into facet_counts select a.label, 'labels', b.label, count(*), sum(i.deleted_at is null) "
+        "from (select distinct image_id, label from labels) a "
+        "join (select distinct image_id, label from labels) b on b.image_id = a.image_id "
+        "join images i on i.id = a.image_id group by a.label, b.label"
+    )
+    for trigger in _facet_count_triggers():
+        db.execute(f"create trigger {trigger}")
+
+
+_ADD = "on conflict do update set images = images + excluded.images, live = live + excluded.live"
+
+
+def _facet_count_triggers() -> list[str]:
+    """m015's triggers, one statement each (see m009 for why)."""
+    live = "(select count(*) from images where id = {0}.image_id and deleted_at is null)"
+    names = "(select label from labels where image_id = {0})"  # the image's labels now
+    every = f"'{EVERY_IMAGE}'"
+    on_insert, on_delete = [], []
+    for facet in FACET_COLUMNS:
+        on_insert.append(
+            f"insert into facet_counts select new.label, '{facet}', {facet}, 1, deleted_at is null "
+            f"from images where id = new.image_id and {facet} is not null {_ADD};"
+        )
+        on_delete.append(
+            f"update facet_counts set images = images - 1, live = live - {live.format('old')} "
+            f"where label = old.label and facet = '{facet}' "
+            f"and value = (select {facet} from images where id = old.image_id);"
+        )
+    triggers = [
+        # The image's first row with this label: pairs with each label it has, both ways
+        # (itself once), and its column values.
+        "facet_counts_label_insert after insert on labels when not exists (select 1 from labels "
+        "where image_id = new.image_id and label is new.label and rank <> new.rank) begin "
+        f"insert into facet_counts select new.label, 'labels', label, 1, {live.format('new')} "
+        f"from (select distinct label from labels where image_id = new.image_id) where true {_ADD}; "
+        f"insert into facet_counts select label, 'labels', new.label, 1, {live.format('new')} "
+        f"from (select distinct label from labels where image_id = new.image_id and label is not new.label) "
+        f"where true {_ADD}; " + " ".join(on_insert) + " end",
+        # Its last row with this label: the same, taken away.
+        "facet_counts_label_delete after delete on labels when not exists (select 1 from labels "
+        "where image_id = old.image_id and label is old.label) begin "
+        f"update facet_counts set images = images - 1, live = live - {live.format('old')} "
+        f"where label = old.label and facet = 'labels' "
+        f"and value in (select label from labels where image_id = old.image_id union all select old.label); "
+        f"update facet_counts set images = images - 1, live = live - {live.format('old')} "
+        f"where facet = 'labels' and value = old.label and label in {names.format('old.image_id')}; "
+        + " ".join(on_delete) + " end",
+        "facet_counts_image_insert after insert on images begin "
+        + " ".join(
+            f"insert into facet_counts select {every}, '{facet}', new.{facet}, 1, new.deleted_at is null "
+            f"where new.{facet} is not null {_ADD};"
+            for facet in FACET_COLUMNS
+        ) + " end",
+        "facet_counts_image_delete after delete on images begin "
+        + " ".join(
+            f"update facet_counts set images = images - 1, live = live - (old.deleted_at is null) "
+            f"where label = {every} and facet = '{facet}' and value = old.{facet};"
+            for facet in FACET_COLUMNS
+        ) + " end",
+        # Deleted or back: its label pairs and its unchanged column values move between
+        # live and not (a column that changed in the same update moves in its own trigger).
+        "facet_counts_deleted_at after update of deleted_at on images "
+        "when (old.deleted_at is null) <> (new.deleted_at is null) begin "
+        "update facet_counts set live = live + (case when new.deleted_at is null then 1 else -1 end) "
+        f"where facet = 'labels' and label in {names.format('new.id')} and value in {names.format('new.id')}; "
+        + " ".join(
+            f"update facet_counts set live = live + (case when new.deleted_at is null then 1 else -1 end) "
+            f"where old.{facet} is new.{facet} and facet = '{facet}' and value = new.{facet} "
+            f"and label in (select label from labels where image_id = new.id union all select {every});"
+            for facet in FACET_COLUMNS
+        ) + " end",
+    ]
+    for facet, column in FACET_COLUMNS.items():
+        # A column's value changed (a file re-embedded): its counts move from old to new.
+        triggers.append(
+            f"facet_counts_{facet} after update of {column} on images "
+            f"when old.{facet} is not new.{facet} begin "
+            f"update facet_counts set images = images - 1, live = live - (old.deleted_at is null) "
+            f"where facet = '{facet}' and value = old.{facet} "
+            f"and label in (select label from labels where image_id = new.id union all select {every}); "
+            f"insert into facet_counts select label, '{facet}', new.{facet}, 1, new.deleted_at is null "
+            f"from (select distinct label from labels where image_id = new.id union select {every}) "
+            f"where new.{facet} is not null {_ADD}; end"
+        )
+    return triggers
+
+
 # The map's indexes (m006, m009), made on each new side table under names of its own.
 _PROJECTION_INDEXES = {"tile": "tile", "placed": "placed", "xy": "x, y, tile"}
 

@@ -31,6 +31,15 @@ def labels_of(rng: np.random.Generator) -> list[str]:
     return names
 
 
+def metadata_of(n: int) -> dict:
+    """Formats, cameras and years, some of them missing, as EXIF leaves them."""
+    return {
+        "format": "JPEG" if n % 3 else "PNG",
+        "camera": f"Camera {n % 4}" if n % 5 else None,
+        "taken_at": f"{2001 + n % 6}-05-01T10:00:00" if n % 7 else None,
+    }
+
+
 @pytest.fixture
 def collection(tmp_path) -> tuple[Path, dict[int, list[str]], set[int]]:
     """COUNT images with seeded labels, a tenth of them deleted: (db, id -> labels, deleted)."""
@@ -43,7 +52,7 @@ def collection(tmp_path) -> tuple[Path, dict[int, list[str]], set[int]]:
         for n in range(COUNT):
             names = labels_of(rng)
             image_id = store.save_image(
-                f"/photos/{n}.jpg", n, {"format": "JPEG" if n % 3 else "PNG"}, rng.normal(size=4),
+                f"/photos/{n}.jpg", n, metadata_of(n), rng.normal(size=4),
                 [(f"n{i}", name, 0.5 / (i + 1)) for i, name in enumerate(names)], "test-model",
             )
             labels[image_id] = names
@@ -132,6 +141,98 @@ def test_label_counts_follow_deletes_and_rewrites(collection):
     assert counts("live") == image_counts(labels, live)
 
 
+# --- facet_counts (store.m015): the column facets and a label's facets, kept by triggers ---
+
+COLUMNS = ("format", "camera", "taken_year")
+
+
+def facet_counts_expected(db_path: Path) -> dict[tuple, tuple[int, int]]:
+    """facet_counts recomputed in Python from the rows: (label, facet, value) -> (images, live)."""
+    with sqlite3.connect(db_path) as conn:
+        names: dict[int, set[str]] = {}
+        for image_id, label in conn.execute("select image_id, label from labels"):
+            names.setdefault(image_id, set()).add(label)
+        images = conn.execute(f"select id, deleted_at is null, {', '.join(COLUMNS)} from images").fetchall()
+    counts: Counter = Counter()
+    for image_id, live, *values in images:
+        mine = names.get(image_id, set())
+        for facet, value in zip(COLUMNS, values):
+            if value is not None:
+                for label in mine | {""}:
+                    counts[(label, facet, value, "images")] += 1
+                    counts[(label, facet, value, "live")] += live
+        for label in mine:
+            for other in mine:
+                counts[(label, "labels", other, "images")] += 1
+                counts[(label, "labels", other, "live")] += live
+    keys = {key[:3] for key in counts}
+    return {key: (counts[(*key, "images")], counts[(*key, "live")]) for key in keys if counts[(*key, "images")]}
+
+
+def facet_counts_kept(db_path: Path) -> dict[tuple, tuple[int, int]]:
+    with sqlite3.connect(db_path) as conn:
+        rows = conn.execute("select label, facet, value, images, live from facet_counts").fetchall()
+    assert all(images >= live >= 0 for *_, images, live in rows), "a count went negative"
+    return {(label, facet, value): (images, live) for label, facet, value, images, live in rows if images}
+
+
+def test_facet_counts_follow_every_change(collection):
+    db_path, labels, deleted = collection
+    kept = facet_counts_kept(db_path)
+    assert kept == facet_counts_expected(db_path)
+    assert kept[("", "format", "PNG")] == (COUNT // 3, kept[("", "format", "PNG")][1])
+    assert {facet for _, facet, _ in kept} == {*COLUMNS, "labels"}
+    live = [i for i in labels if i not in deleted]
+    store = Store(db_path)
+    back, gone, rewritten, dropped, recamera, both = sorted(deleted)[0], *live[:5]
+    with store.db.atomic():
+        store.db["images"].update(back, {"deleted_at": None})
+        store.mark_deleted([gone])
+        # the same path again: new labels, format, camera and year in one update
+        path = store.db.execute("select path from images where id = ?", [rewritten]).fetchone()[0]
+        store.save_image(path, 1, {"format": "WEBP", "camera": "Camera 9", "taken_at": "1999-01-01"},
+                         np.ones(4), [("n0", "zebra", 0.9), ("n1", "crane", 0.1), ("n2", "crane", 0.05)],
+                         "test-model")
+        store.delete_rows([dropped])
+        store.db.execute("update images set camera = 'Camera 7' where id = ?", [recamera])
+        # deleted and changed in one statement
+        store.db.execute("update images set deleted_at = '2026-01-01', taken_at = null, format = 'GIF' where id = ?", [both])
+    store.close()
+    assert facet_counts_kept(db_path) == facet_counts_expected(db_path)
+
+
+@pytest.mark.asyncio
+async def test_counted_facets_equal_datasettes_own(ds, collection):
+    """Each counted facet (from facet_counts) shows what Datasette's column facet counts
+    over the same rows (asked for with ?_facet=, so both run), on the whole table and
+    under one label; other filters fall back to Datasette's SQL."""
+    def by_name(data):  # Datasette keys a second facet of one name "<name>_2"
+        return {
+            key: [(row["value"], row["count"]) for row in result["results"]]
+            for key, result in data["facet_results"].items()
+        }
+
+    for query in ("", "&_label=malamute", "&_label=桜 %26 <b>", "&_label=lynx&format=PNG"):
+        facets = "".join(f"&_facet={column}" for column in COLUMNS)
+        data = (await ds.client.get(f"/collection/images.json?_facet_size=max{query}{facets}&_trace=1")).json()
+        results = by_name(data)
+        for column in COLUMNS:
+            assert results[column] == results[f"{column}_2"], (query, column)
+            assert results[column], (query, column)
+        kept = any("from facet_counts" in t["sql"] for t in data["_trace"]["traces"])
+        assert kept == ("format=" not in query), query
+
+
+@pytest.mark.asyncio
+async def test_label_facet_under_one_label_is_read_not_counted(ds, collection):
+    _, labels, _ = collection
+    data = (await ds.client.get("/collection/images.json?_label=tabby&_facet_size=max&_trace=1")).json()
+    counts = {row["value"]: row["count"] for row in data["facet_results"]["labels"]["results"]}
+    assert counts == image_counts(labels, [i for i, names in labels.items() if "tabby" in names])
+    sql = [t["sql"] for t in data["_trace"]["traces"]]
+    assert not any("group by" in q for q in sql), sql  # nothing grouped at request time
+
+
 # --- every query of the hot pages on an index -------------------------------------------
 
 HOT_PAGES = [
@@ -204,11 +305,14 @@ async def test_label_filter_pages_newest_first_without_repeats(ds, collection):
 async def test_facet_under_a_large_label_filter_is_reported_not_run(ds, monkeypatch):
     from datasette_plugins import facets_plugin
 
-    data = (await ds.client.get("/collection/images.json?_label=lynx")).json()
+    two = "_label=lynx&_label=tabby"
+    data = (await ds.client.get(f"/collection/images.json?{two}")).json()
     assert data["facet_results"]["labels"]["results"]
     monkeypatch.setattr(facets_plugin, "FILTERED_COUNT_MAX", 10)
-    data = (await ds.client.get("/collection/images.json?_label=lynx&_trace=1")).json()
+    data = (await ds.client.get(f"/collection/images.json?{two}&_trace=1")).json()
     assert "labels" not in data["facet_results"]  # timed out, as Datasette shows it
     assert not any("group by l.label" in t["sql"] for t in data["_trace"]["traces"])
-    data = (await ds.client.get("/collection/images.json?_label=lynx&format=PNG")).json()
+    data = (await ds.client.get(f"/collection/images.json?{two}&format=PNG")).json()
     assert data["facet_results"]["labels"]["results"]  # other filters narrow it: counted
+    data = (await ds.client.get("/collection/images.json?_label=lynx")).json()
+    assert data["facet_results"]["labels"]["results"]  # one label: read from facet_counts
