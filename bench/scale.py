@@ -1,12 +1,15 @@
 """What a large collection costs: adding, the watcher and Datasette at 0, 100k and 1M images.
 
-    .venv/bin/python bench/scale.py --sizes 0,100000 [--dimensions 1280] [--requests 50]
+    .venv/bin/python bench/scale.py --sizes 0,100000,1000000 --wide-sizes 0,100000 [--requests 50]
 
 For each size, builds once (cached under /tmp/collection-bench/scale-<size>-<dims>/) a
 synthetic collection shaped like a real one: clustered unit vectors, five labels each
 (commonest labels far commoner than rare ones), a thumbnail each, the map (positions
 near their cluster's spot, as t-SNE gives), ten matches each and the Annoy index, all
-written with the same SQL and triggers as the write path. Then, on a copy of it:
+written with the same SQL and triggers as the write path. --sizes have 1280-d vectors
+(EfficientNet-Lite0, real weights); --wide-sizes 2048-d (Inception v3, seeded random
+weights: the same work per image as the real ones). Then, on one copy of it (removed
+after; the cached collection stays as built):
 
 1. `collection add` of 500 real photos (crops, flips, scales, re-encodes of
    /work/shared/photos, or the scikit-image samples), in a process of its own as a
@@ -14,11 +17,17 @@ written with the same SQL and triggers as the write path. Then, on a copy of it:
    time, and images/s as a ratio to the empty collection;
 2. the watcher (`collection watch`): single photos dropped one at a time, seconds until
    each is searchable (its row committed and found by the searcher), p50/p95;
-3. `collection serve` (on the collection after step 1): p50/p95 over --requests keep-alive requests each of the images
-   table page, the label facet (checked present with correct counts), a label filter,
-   a similar page and its JSON, and the map page's first data and a zoomed-in box.
+3. `collection serve` (on the collection after steps 1 and 2): p50/p95 over --requests
+   keep-alive requests each of the images table page, the label facet (checked present
+   with correct counts), a label filter (its page, with the label facet of the images it
+   leaves, also checked), a similar page and its JSON, and the map page's first data and
+   a zoomed-in box;
+4. the index (`--skip index` to leave it out): a simulated backfill from 0 to the largest
+   1280-d size through the product's segments (bench/similar.py's), with the build CPU
+   seconds so far, recall@10 against exact search and query p50/p99 at each size.
 
-The machine is small and shared: run the sizes that fit and say which ran.
+At a million images a run takes about an hour (copying the 13 GB collection, the
+backfill's builds); the first build of the 1M collection another 20 minutes.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -39,6 +49,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest import build_corpus  # noqa: E402  (bench/ingest.py: distinct real photos)
+import similar  # noqa: E402  (bench/similar.py: the simulated backfill)
 from serve import free_port, serve, thumbnails  # noqa: E402  (bench/serve.py: `collection serve`, synthetic thumbnails)
 from machine import cpu_flags  # noqa: E402  (bench/machine.py, beside this script)
 
@@ -48,6 +59,8 @@ from collection.store import Store, encode, now  # noqa: E402
 
 CACHE = Path(tempfile.gettempdir()) / "collection-bench"
 MODEL = "efficientnet_lite0"
+# The model each vector width stands for: 2048-d is Inception v3's pool vector.
+MODELS = {1280: MODEL, 2048: "inception_v3:random"}
 CLUSTERS = 500
 LABEL_POOL = 1000  # ImageNet's classes
 CHUNK = 10_000  # rows per transaction while building
@@ -67,8 +80,9 @@ def build_collection(size: int, dimensions: int) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     started = time.perf_counter()
+    model = MODELS[dimensions]
     store = Store(db_path)
-    store.claim_model(MODEL, dimensions, "fp32")
+    store.claim_model(model, dimensions, "fp32")
     if size:
         rng = np.random.default_rng(0)
         centres = rng.normal(size=(CLUSTERS, dimensions)).astype(np.float32)
@@ -102,7 +116,7 @@ def build_collection(size: int, dimensions: int) -> Path:
                         "values (?, ?, ?, 2000000, 0, 4000, 3000, 'JPEG', ?, ?, ?, ?, ?, ?, ?, 0.5)",
                         [image_id, f"/synthetic/{image_id:07d}.jpg", f"{image_id:064x}",
                          f"{2005 + image_id % 20}-06-01T12:00:00", f"Camera {image_id % 7}",
-                         stamp, stamp, MODEL, json.dumps(labels), labels[0]],
+                         stamp, stamp, model, json.dumps(labels), labels[0]],
                     )
                     conn.executemany(
                         "insert into labels (image_id, rank, wnid, label, score) values (?, ?, ?, ?, ?)",
@@ -110,7 +124,7 @@ def build_collection(size: int, dimensions: int) -> Path:
                          for rank, label in enumerate(labels, start=1)],
                     )
                     conn.execute("insert into vectors (image_id, model, vector) values (?, ?, ?)",
-                                 [image_id, MODEL, encode(vectors[offset])])
+                                 [image_id, model, encode(vectors[offset])])
                     conn.execute("insert into thumbnails (image_id, jpeg, width, height) values (?, ?, 4000, 3000)",
                                  [image_id, jpegs[image_id % len(jpegs)]])
             print(f"  {start + count:,} rows", file=sys.stderr, flush=True)
@@ -155,11 +169,11 @@ def write_matches(store: Store, members: dict[int, list[int]], rng: np.random.Ge
         store.set_meta("matches_seq", last)
 
 
-def working_copy(db_path: Path, name: str) -> Path:
+def working_copy(db_path: Path) -> Path:
     """A copy to change, so the cached one stays as built. The index files beside it are
     hard links: they are never written in place, and a link keeps the inode, size and
     mtime by which the searcher knows its file (a copy would look like a stranger's)."""
-    folder = CACHE / f"work-{name}"
+    folder = CACHE / f"work-{db_path.parent.name}"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     for file in db_path.parent.iterdir():
@@ -176,27 +190,40 @@ def working_copy(db_path: Path, name: str) -> Path:
 # --- 1. collection add -----------------------------------------------------------------------
 
 
-def child_add(db_path: str, corpus: str) -> None:
+def child_add(db_path: str, corpus: str, model_name: str) -> None:
     """`collection add` as cli.add runs it, reporting stage seconds and peak RSS."""
     from collection.cli import load_model, open_store
     from collection.ingest import Ingester, iter_files
     from collection.upkeep import Upkeep
 
+    peaks = {"RssAnon": 0, "RssFile": 0}
+    sampling = threading.Event()
+
+    def sample() -> None:  # the peaks of anonymous and file-backed memory, every 0.1 s
+        while not sampling.wait(0.1):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key in peaks:
+                    peaks[key] = max(peaks[key], int(value.split()[0]))
+
+    threading.Thread(target=sample, daemon=True).start()
     store = open_store(db_path)
     files = list(iter_files([corpus], False))
-    model = load_model(store, MODEL, None, "fp32")
+    model = load_model(store, model_name, None, "fp32")
     upkeep = Upkeep(store, refresh_map=False)
     ingester = Ingester(store, model, on_batch=upkeep.after_batch)
     summary = ingester.add(files)
     upkeep.join()
     store.close()
+    sampling.set()
     print(json.dumps({"added": summary.added, "seconds": dict(summary.seconds),
-                      "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "anon_mb": peaks["RssAnon"] / 1024, "file_mb": peaks["RssFile"] / 1024}))
 
 
-def run_add(db_path: Path, corpus: Path) -> dict:
+def run_add(db_path: Path, corpus: Path, model: str) -> dict:
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, __file__, "--child-add", str(db_path), str(corpus)],
+    out = subprocess.run([sys.executable, __file__, "--child-add", str(db_path), str(corpus), model],
                          capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["wall"] = time.perf_counter() - started
@@ -206,11 +233,11 @@ def run_add(db_path: Path, corpus: Path) -> dict:
 # --- 2. the watcher ----------------------------------------------------------------------------
 
 
-def run_watch(db_path: Path, corpus: Path) -> list[float]:
+def run_watch(db_path: Path, corpus: Path, model: str) -> list[float]:
     inbox = db_path.parent / "inbox"
     inbox.mkdir()
     process = subprocess.Popen(
-        [sys.executable, "-m", "collection", "watch", str(inbox), "--db", str(db_path), "--model", MODEL],
+        [sys.executable, "-m", "collection", "watch", str(inbox), "--db", str(db_path), "--model", model],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     latencies = []
@@ -254,36 +281,48 @@ def searchable(db_path: Path, path: str, timeout: float) -> None:
 # --- 3. Datasette ------------------------------------------------------------------------------
 
 
-def label_counts_expected(db_path: Path) -> dict[str, int]:
+def check_facet(db_path: Path, page: str, port: int, label: str | None = None) -> None:
+    """The label facet of ``page`` (JSON) is there, and each count it shows is the number of
+    images carrying the value (and ``label``, if given), counted from the labels table."""
     import sqlite3
 
-    with sqlite3.connect(db_path) as conn:
-        return dict(conn.execute("select label, count(distinct image_id) from labels group by label"))
-
-
-def check_facet(body: bytes, expected: dict[str, int]) -> None:
-    data = json.loads(body)
-    assert "labels" not in data.get("facets_timed_out", []), "the label facet timed out"
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    conn.request("GET", page)
+    data = json.loads(conn.getresponse().read())
+    conn.close()
+    assert "labels" not in data.get("facets_timed_out", []), f"{page}: the label facet timed out"
     results = data["facet_results"]["labels"]["results"]
-    assert results, "no label facet"
-    for row in results:
-        assert row["count"] == expected[row["value"]], row
+    assert results, f"{page}: no label facet"
+    with sqlite3.connect(db_path) as db:
+        for row in results:
+            sql = "select count(distinct image_id) from labels where label = ?"
+            params = [row["value"]]
+            if label is not None:
+                sql += " and image_id in (select image_id from labels where label = ?)"
+                params.append(label)
+            assert row["count"] == db.execute(sql, params).fetchone()[0], (page, row)
 
 
 def run_serve(db_path: Path, requests: int) -> list[tuple[str, list[float]]]:
     import sqlite3
 
     with sqlite3.connect(db_path) as conn:
-        ids = [r[0] for r in conn.execute("select id from images where deleted_at is null order by random() limit ?", [requests])]
+        largest = conn.execute("select coalesce(max(id), 0) from images").fetchone()[0]
+        picked = np.random.default_rng(0).integers(1, largest + 1, 4 * requests).tolist() if largest else []
+        ids = [row[0] for row in conn.execute(  # live images at random, without sorting a million
+            f"select id from images where deleted_at is null and id in ({','.join('?' * len(picked))})", picked
+        )][:requests] if picked else []
         label = conn.execute("select label from label_counts order by images desc limit 1 offset 20").fetchone()
-    expected = label_counts_expected(db_path)
     port = free_port()
     process = serve(db_path, port)
+    label_page = f"/collection/images?_label={label[0].replace(' ', '+')}" if label else "/collection/images"
+    check_facet(db_path, "/collection/images.json?_size=1", port)
+    if label:
+        check_facet(db_path, label_page.replace("images?", "images.json?_size=1&"), port, label[0])
     cases = [
         ("images table page", lambda i: "/collection/images"),
         ("label facet (JSON)", lambda i: "/collection/images.json?_size=1"),
-        (f"label filter ({label[0] if label else '-'})",
-         lambda i: f"/collection/images?_label={label[0].replace(' ', '+')}" if label else "/collection/images"),
+        (f"label filter ({label[0] if label else '-'})", lambda i: label_page),
         ("similar page", lambda i: f"/-/similar/{ids[i % len(ids)]}"),
         ("similar JSON", lambda i: f"/-/similar/{ids[i % len(ids)]}.json"),
         ("map first data", lambda i: "/-/map.json"),
@@ -306,8 +345,6 @@ def run_serve(db_path: Path, requests: int) -> list[tuple[str, list[float]]]:
                 if response.status != 200:  # e.g. a query past Datasette's time limit
                     failed += 1
                     print(f"  {path(i)}: HTTP {response.status}", file=sys.stderr, flush=True)
-                elif i == 0 and name.startswith("label facet"):
-                    check_facet(body, expected)
                 if i >= WARM_UP:
                     times.append(elapsed)
             results.append((name + (f" ({failed} failed)" if failed else ""), times))
@@ -326,62 +363,99 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
+def parse_sizes(text: str) -> list[int]:
+    return [similar.parse_size(t) for t in text.split(",") if t.strip()]
+
+
+def run_index(sizes: list[int], queries: int) -> list[dict]:
+    """Part 4: bench/similar.py's simulated backfill, 0 to the largest size, measured at each."""
+    largest = max(sizes)
+    stages = sorted({s for s in sizes if s} | {s for s in (10_000, 200_000, 500_000) if s < largest})
+    with tempfile.TemporaryDirectory(dir=CACHE, prefix="index-backfill-") as tmp:
+        x = similar.vectors(largest, Path(tmp) / "vectors.npy", d=1280, growing=True)
+        return similar.backfill(x, stages, 1000, similar.N_TREES, queries, Path(tmp))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="0,100000", help="collection sizes, comma-separated")
-    parser.add_argument("--dimensions", type=int, default=1280)
+    parser.add_argument("--sizes", default="0,100k,1m", help="1280-d collection sizes, comma-separated (100k, 1m)")
+    parser.add_argument("--wide-sizes", default="0,100k", help="2048-d collection sizes; '' for none")
     parser.add_argument("--requests", type=int, default=50, help="timed requests per page")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: add, watch, serve")
-    parser.add_argument("--child-add", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--queries", type=int, default=200, help="similar-image queries per backfill stage")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: add, watch, serve, index")
+    parser.add_argument("--child-add", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_add:
         child_add(*args.child_add)
         return
     skip = set(filter(None, args.skip.split(",")))
-    sizes = [int(s) for s in args.sizes.split(",")]
+    runs = [(size, 1280) for size in parse_sizes(args.sizes)] + [(size, 2048) for size in parse_sizes(args.wide_sizes)]
+    print(f"load average at the start {os.getloadavg()[0]:.1f}; command: {' '.join(sys.argv)}", flush=True)
     corpus = build_corpus(ADD_COUNT, seed=13)
     drops = build_corpus(DROPS + 1, seed=14)
     rows_add, rows_watch, rows_serve = [], [], []
-    empty_rate = None
-    for size in sizes:
+    empty_rate: dict[int, float] = {}
+    for size, dims in runs:
+        model = MODELS[dims]
         started = time.perf_counter()
-        cached = build_collection(size, args.dimensions)
-        print(f"{size:,} images: collection ready in {time.perf_counter() - started:.0f} s "
+        cached = build_collection(size, dims)
+        print(f"{size:,} images, {dims}-d: collection ready in {time.perf_counter() - started:.0f} s "
               f"({(cached.parent / 'done').read_text().strip()})", file=sys.stderr, flush=True)
-        served = cached  # after add, its copy: at size 0 an empty collection has nothing to serve
+        if skip >= {"add", "watch"}:
+            served = cached  # nothing changes it
+        else:
+            started = time.perf_counter()
+            served = working_copy(cached)
+            print(f"  copied in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+        where = f"{size:,} | {dims}"
         if "add" not in skip:
-            served = working_copy(cached, f"add-{size}")
-            result = run_add(served, corpus)
+            result = run_add(served, corpus, model)
             rate = result["added"] / result["wall"]
-            empty_rate = empty_rate or (rate if size == 0 else None)
+            if size == 0:
+                empty_rate[dims] = rate
             stages = ", ".join(f"{k} {v:.1f}" for k, v in sorted(result["seconds"].items(), key=lambda kv: -kv[1]))
-            ratio = f"{rate / empty_rate:.2f}" if empty_rate else "-"
-            rows_add.append(f"| {size:,} | {result['added']} | {result['wall']:.1f} | {rate:.1f} | {ratio} | "
-                            f"{result['rss_mb']:.0f} | {stages} |")
+            ratio = f"{rate / empty_rate[dims]:.2f}" if dims in empty_rate else "-"
+            rows_add.append(f"| {where} | {result['added']} | {result['wall']:.1f} | {rate:.1f} | {ratio} | "
+                            f"{result['rss_mb']:.0f} | {result['anon_mb']:.0f} | {result['file_mb']:.0f} | {stages} |")
             print(rows_add[-1], file=sys.stderr, flush=True)
         if "watch" not in skip:
-            latencies = run_watch(working_copy(cached, f"watch-{size}"), drops)
-            rows_watch.append(f"| {size:,} | {len(latencies)} | {pct(latencies, 0.5):.2f} | {pct(latencies, 0.95):.2f} |")
+            latencies = run_watch(served, drops, model)
+            rows_watch.append(f"| {where} | {len(latencies)} | {pct(latencies, 0.5):.2f} | {pct(latencies, 0.95):.2f} |")
             print(rows_watch[-1], file=sys.stderr, flush=True)
-        if "serve" not in skip:
+        if "serve" not in skip and dims == 1280:  # the pages do not depend on the width
             for name, times in run_serve(served, args.requests):
                 rows_serve.append(f"| {size:,} | {name} | {len(times)} | {pct(times, 0.5) * 1000:.0f} | "
                                   f"{pct(times, 0.95) * 1000:.0f} |")
-    print(f"\nCPU: {os.cpu_count()} cores, flags: {cpu_flags()}; "
-          f"{args.dimensions}-d vectors, model {MODEL}\n")
+                print(rows_serve[-1], file=sys.stderr, flush=True)
+        if served != cached:
+            shutil.rmtree(served.parent)
+    rows_index = run_index([size for size, dims in runs if dims == 1280], args.queries) if "index" not in skip else []
+    print(f"\nCPU: {os.cpu_count()} cores, flags: {cpu_flags()}; load average at the end "
+          f"{os.getloadavg()[0]:.1f}; models: {', '.join(f'{d}-d {m}' for d, m in MODELS.items())}\n")
     if rows_add:
-        print(f"`collection add` of {ADD_COUNT} photos (whole process)\n")
-        print("| images before | added | seconds | images/s | ratio to empty | peak RSS MB | seconds by stage |")
-        print("| ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+        print(f"`collection add` of {ADD_COUNT} photos (whole process; RSS: peak, and the peaks of its "
+              "anonymous memory and of its file-backed pages: libraries, SQLite's and the index's memory maps)\n")
+        print("| images before | dims | added | seconds | images/s | ratio to empty | peak RSS MB | anon MB | "
+              "file-backed MB | seconds by stage |")
+        print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
         print("\n".join(rows_add) + "\n")
     if rows_watch:
         print("watcher: single photo dropped to searchable\n")
-        print("| images | drops | p50 s | p95 s |\n| ---: | ---: | ---: | ---: |")
+        print("| images | dims | drops | p50 s | p95 s |\n| ---: | ---: | ---: | ---: | ---: |")
         print("\n".join(rows_watch) + "\n")
     if rows_serve:
         print("`collection serve`, sequential keep-alive requests\n")
         print("| images | request | n | p50 ms | p95 ms |\n| ---: | --- | ---: | ---: | ---: |")
-        print("\n".join(rows_serve))
+        print("\n".join(rows_serve) + "\n")
+    if rows_index:
+        print(f"similar-image index over a simulated backfill (1280-d, batches of 1,000, each due build run to its "
+              f"end before the next batch; {args.queries} queries per stage against exact search)\n")
+        print("| images | segments (k items) | tail | builds | build CPU s so far | recall@10 | p50 ms | p99 ms | "
+              "CPU p50 ms | CPU p99 ms | most vectors read per batch |")
+        print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in rows_index:
+            print(f"| {r['size']:,} | {r['segments']} ({r['sizes']}) | {r['tail']} | {r['builds']} | {r['build']:.0f} | "
+                  f"{r['recall']:.3f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['cpu50']:.2f} | {r['cpu99']:.2f} | {r['read']} |")
 
 
 if __name__ == "__main__":
