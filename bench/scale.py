@@ -191,10 +191,9 @@ def working_copy(db_path: Path) -> Path:
 
 
 def child_add(db_path: str, corpus: str, model_name: str) -> None:
-    """`collection add` as cli.add runs it, reporting stage seconds and peak RSS."""
-    from collection.cli import load_model, open_store
-    from collection.ingest import Ingester, iter_files
-    from collection.upkeep import Upkeep
+    """`collection add CORPUS` itself, in this process so that it can report where its
+    time went (the summary's stage seconds) and its memory peaks."""
+    from collection.cli import cli
 
     peaks = {"RssAnon": 0, "RssFile": 0}
     sampling = threading.Event()
@@ -207,14 +206,7 @@ def child_add(db_path: str, corpus: str, model_name: str) -> None:
                     peaks[key] = max(peaks[key], int(value.split()[0]))
 
     threading.Thread(target=sample, daemon=True).start()
-    store = open_store(db_path)
-    files = list(iter_files([corpus], False))
-    model = load_model(store, model_name, None, "fp32")
-    upkeep = Upkeep(store, refresh_map=False)
-    ingester = Ingester(store, model, on_batch=upkeep.after_batch)
-    summary = ingester.add(files)
-    upkeep.join()
-    store.close()
+    summary = cli.main(["add", corpus, "--db", db_path, "--model", model_name], standalone_mode=False)
     sampling.set()
     print(json.dumps({"added": summary.added, "seconds": dict(summary.seconds),
                       "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -166,7 +166,7 @@ def add(paths, db_path, model_name, weights, precision, runtime, recursive, batc
     files = list(iter_files(paths, recursive))
     if not files:
         raise click.ClickException("no image files found (use --recursive for subfolders)")
-    _add_files(store, files, folders_of(paths), model_name, weights, precision, runtime, batch_size, max_bytes, max_pixels)
+    return _add_files(store, files, folders_of(paths), model_name, weights, precision, runtime, batch_size, max_bytes, max_pixels)
 
 
 def _add_files(store, files, folders, model_name, weights, precision, runtime, batch_size, max_bytes, max_pixels):
@@ -208,6 +208,7 @@ def _add_files(store, files, folders, model_name, weights, precision, runtime, b
     click.echo(summary.line())
     if summary.failed:
         click.echo(f"See why with: collection failures --db {store.path}", err=True)
+    return summary
 
 
 @cli.command()

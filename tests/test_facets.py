@@ -316,3 +316,43 @@ async def test_facet_under_a_large_label_filter_is_reported_not_run(ds, monkeypa
     assert data["facet_results"]["labels"]["results"]  # other filters narrow it: counted
     data = (await ds.client.get("/collection/images.json?_label=lynx")).json()
     assert data["facet_results"]["labels"]["results"]  # one label: read from facet_counts
+
+
+def test_statistics_of_few_valued_columns_are_exact(tmp_path):
+    """ANALYZE under analysis_limit guesses 1,001 rows a value for a column of one value;
+    store.optimize counts those indexes exactly, and the map's atlas query then drives
+    from the map's tile range, not from "every live image" (store.FEW_VALUED)."""
+    from collection import store as store_module
+
+    db_path = tmp_path / "collection.db"
+    store = Store(db_path)
+    n = store_module.ANALYZE_FROM + 2000
+    with store.db.atomic():
+        store.db.conn.executemany(
+            "insert into images (id, path, format, camera) values (?, ?, 'JPEG', ?)",
+            ((i, f"/p/{i}.jpg", f"Camera {i % 3}") for i in range(1, n + 1)),
+        )
+        store.db.conn.executemany(
+            "insert into projection (image_id, method, x, y, placed, tile, sha256) values (?, 'pca', 0.5, 0.5, 0, ?, '')",
+            ((i, i) for i in range(1, n + 1)),
+        )
+    conn = store.db.conn
+    conn.execute("analyze")  # sampled, as pragma optimize does it under the limit
+
+    def stats() -> dict[str, str]:
+        return dict(conn.execute("select idx, stat from sqlite_stat1 where tbl = 'images'"))
+
+    assert stats()["idx_images_deleted_at"].endswith(f" {store_module.ANALYSIS_LIMIT + 1}")  # the guess
+    store_module.optimize(conn)
+    assert stats()["idx_images_deleted_at"] == f"{n} {n}"
+    assert stats()["images_format"] == f"{n} {n}"
+    assert stats()["images_camera"] == f"{n} {-(-n // 3)}"
+    store.close()
+    with sqlite3.connect(db_path) as fresh:  # a new connection plans with what is stored
+        # projection.atlas_keys' query (_atlas_rows)
+        first = fresh.execute(
+            "explain query plan select count(*) from projection p join images on images.id = p.image_id "
+            "join thumbnails t on t.image_id = p.image_id "
+            "where images.deleted_at is null and p.tile >= 0 and p.tile < 256"
+        ).fetchall()[0][3]
+    assert first.startswith("SEARCH p USING") and "tile" in first, first
