@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sqlite3
@@ -615,6 +616,30 @@ def optimize(conn: sqlite3.Connection) -> None:
             conn.execute(f"pragma analysis_limit = {ANALYSIS_LIMIT}")
 
 
+class _Database(sqlite_utils.Database):
+    """sqlite-utils' Database whose outermost ``atomic()`` takes the write lock as it
+    begins (BEGIN IMMEDIATE), waiting out another writer through busy_timeout. A deferred
+    BEGIN that reads before it writes fails at once with "database is locked" when another
+    connection commits in between (in WAL its snapshot is then stale, and waiting cannot
+    help): at a million images `collection add` died so while the first grouping of
+    duplicates wrote its chunks beside it. Nested blocks stay savepoints."""
+
+    @contextlib.contextmanager
+    def atomic(self):
+        if self.conn.in_transaction:
+            with super().atomic():
+                yield self
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self
+        except BaseException:
+            self.conn.rollback()
+            raise
+        else:
+            self.conn.commit()
+
+
 class Store:
     """One collection database. Not shared between threads: each opens its own."""
 
@@ -623,7 +648,7 @@ class Store:
         if not create and not self.path.exists():
             raise StoreError(f"no collection database at {self.path}")
         try:
-            self.db = sqlite_utils.Database(self.path)
+            self.db = _Database(self.path)
             self.db.execute("PRAGMA busy_timeout = 30000")
             self.db.enable_wal()
             self.db.execute("PRAGMA foreign_keys = ON")
