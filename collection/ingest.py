@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import errno
 import os
+import sqlite3
+import threading
 import time
 from collections import Counter, deque
 from datetime import datetime, timedelta, timezone
@@ -25,7 +27,7 @@ import numpy as np
 from . import files, images
 from .models import Model
 from .runtimes import OPENVINO
-from .store import Store, now
+from .store import Store, embedded, now
 
 
 @dataclass
@@ -157,6 +159,41 @@ def decode_workers(model: Model) -> int:
     return max(1, cores // 4)
 
 
+class KnownContent:
+    """``sha256 in known``: whether content with that hash already has a vector, asked by
+    the decoding threads, each through a connection of its own, on the sha256 index. (A
+    set of every hash, read as `add` started, cost 8 s and some 150 MB at a million images.)
+    A row committed since is seen; ``forget`` one whose stored rows were replaced mid-run."""
+
+    def __init__(self, db_path: str | Path):
+        self.db_path = db_path
+        self._local = threading.local()
+        self._opened: list[sqlite3.Connection] = []
+        self._forgotten: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __contains__(self, sha256: str) -> bool:
+        if sha256 in self._forgotten:
+            return False
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = sqlite3.connect(self.db_path, timeout=30, check_same_thread=False)
+            with self._lock:
+                self._opened.append(conn)
+        return embedded(conn, sha256)
+
+    def forget(self, sha256: str) -> None:
+        self._forgotten.add(sha256)
+
+    def close(self) -> None:
+        """Close every thread's connection (call when those threads are done)."""
+        with self._lock:
+            opened, self._opened = self._opened, []
+        for conn in opened:
+            conn.close()
+        self._local = threading.local()
+
+
 class Behind:
     """``on_batch`` work on one thread of its own, so that it overlaps the next batches'
     decoding and model calls instead of following them, and on several batches at once.
@@ -283,10 +320,8 @@ class Ingester:
         self.thumbnails = thumbnails
         self.on_batch = on_batch  # called with the ids each committed batch wrote
         self.store.claim_model(model.model_id, model.dimensions, model.precision)
-        # Content hashes already embedded: a worker that finds one skips decoding.
-        self.known = {row[0] for row in store.db.execute(
-            "select sha256 from images join vectors on vectors.image_id = images.id"
-        )}
+        # Content already embedded: a worker that finds its hash skips decoding.
+        self.known = KnownContent(store.path)
 
     def add(self, paths: Iterable[str], progress: Callable[[int], None] | None = None) -> Summary:
         """Add files; a batch of them is decoded by all workers, then embedded and written."""
@@ -337,13 +372,16 @@ class Ingester:
 
         # Decoding runs one batch ahead of the model, in the background.
         queued: deque[list[Future]] = deque()
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
-            for chunk in _chunks(reads, self.batch_size):
-                queued.append([pool.submit(self._read, read) for read in chunk])
-                while len(queued) > 1:
+        try:
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
+                for chunk in _chunks(reads, self.batch_size):
+                    queued.append([pool.submit(self._read, read) for read in chunk])
+                    while len(queued) > 1:
+                        handle(queued.popleft())
+                while queued:
                     handle(queued.popleft())
-            while queued:
-                handle(queued.popleft())
+        finally:
+            self.known.close()  # the decoding threads' connections; they end with the pool
         if batch or other:
             self._write(batch, other, summary)
 
@@ -441,7 +479,6 @@ class Ingester:
                     probabilities=probs[i],
                 )
                 store.clear_failure(read.path)
-                self.known.add(read.sha256)
                 summary.ids.append(image_id)
                 if read.stored:
                     summary.updated += 1
@@ -475,7 +512,7 @@ class Ingester:
             return
         sources = [row for row in store.by_sha256(read.sha256) if row["path"] != read.path]
         if not sources:  # hash was known at start, but its rows have been replaced since
-            self.known.discard(read.sha256)
+            self.known.forget(read.sha256)
             self._again.append(read.path)
             return
         moved = next(

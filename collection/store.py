@@ -535,6 +535,13 @@ def drop_old_projection(conn: sqlite3.Connection, rows: int = 5000) -> None:
                 conn.execute("drop table projection_old")
 
 
+def embedded(conn: sqlite3.Connection, sha256: str) -> bool:
+    """Whether content with this SHA-256 already has a vector (on the sha256 index)."""
+    return conn.execute(
+        "select 1 from images i join vectors v on v.image_id = i.id where i.sha256 = ? limit 1", [sha256]
+    ).fetchone() is not None
+
+
 # Ids per statement: far under SQLite's smallest variable limit (999 before 3.32).
 CHUNK = 500
 

@@ -350,3 +350,34 @@ def test_an_error_behind_is_raised_by_add(store, small_model, images_dir):
     behind.close()
     assert finished == [1]
     assert store.db["images"].count == 2  # the first batch; the second waited for its work and got the error
+
+
+def test_starting_an_add_reads_nothing_per_stored_image(store, counting_model, images_dir):
+    """Known content is looked up by its hash when a file is read, not by loading every
+    stored hash when `add` starts (8 s at a million images): the database work of
+    starting an Ingester is the same for 10 and for 3,000 stored images."""
+    paths = [make_image(images_dir / f"{n}.png", seed=n) for n in range(3)]
+
+    def steps_to_start() -> int:
+        ticks = []
+        store.db.conn.set_progress_handler(lambda: ticks.append(1), 100)
+        try:
+            Ingester(store, counting_model)
+        finally:
+            store.db.conn.set_progress_handler(None, 100)
+        return len(ticks)
+
+    _add(store, counting_model, paths)
+    few = steps_to_start()
+    vector = store.db.execute("select vector from vectors limit 1").fetchone()[0]
+    with store.db.atomic():
+        for n in range(3000):
+            store.db.execute("insert into images (path, sha256) values (?, ?)", [f"/many/{n}.jpg", f"{n:064x}"])
+            store.db.execute("insert into vectors (image_id, model, vector) values (last_insert_rowid(), ?, ?)",
+                             [store.model, vector])
+    assert steps_to_start() <= few + 5
+    # and known content is still known: a copy of a stored file reuses its vector
+    calls = list(counting_model.calls)
+    copy = shutil.copy(paths[0], images_dir / "copy-of-first.png")
+    summary = _add(store, counting_model, [copy])
+    assert summary.reused == 1 and counting_model.calls == calls
