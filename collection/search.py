@@ -166,6 +166,15 @@ class State:
     skip: frozenset[int]  # ids whose segment copies are stale: the tail has them, or they are gone
     superseded: int  # how many of them have a copy in a segment (dead since the last build)
     streamed: bool = False  # no segments and too many vectors to hold: read them per query
+    # What the answers depend on: segments, the log read so far. A commit that changed no
+    # vector (matches, duplicates, the map) gives a new State with the same contents.
+    contents: tuple = ()
+
+
+# Answers remembered per image for the state they were found in: after a batch, matches,
+# duplicates and the map each ask about the same new images (bench/scale.py at 1M: three
+# searches per image, 70 % of the upkeep). Entries are a few hundred bytes.
+REMEMBERED = 2048
 
 
 class Searcher:
@@ -195,6 +204,9 @@ class Searcher:
         self._tail = Tail()
         self._gone: dict[int, int] = {}  # changed after _covered and not live now: id -> seq
         self._state: State | None = None
+        # image id -> (State.contents, want, found): see REMEMBERED
+        self._remembered: dict[int, tuple[tuple, int, dict[int, float]]] = {}
+        self.searches = 0  # searches run (remembered answers not counted): a hook for tests
 
     def close(self) -> None:
         with self._lock:
@@ -210,10 +222,17 @@ class Searcher:
         (id, cosine). Raises KeyError when the image is not in the collection (or deleted)."""
         k, image_id = check_k(k), int(image_id)
         state = self._refresh()
-        vector = self._vector(state, image_id)
-        if vector is None:
-            raise KeyError(image_id)
-        return self._search(state, vector, k, min_score, exclude=image_id)
+        found = self._recall(state, image_id, k + 1)
+        if found is None:
+            vector = self._vector(state, image_id)
+            if vector is None:
+                raise KeyError(image_id)
+            found = self._found(state, vector, k + 1)
+            with self._lock:
+                if len(self._remembered) >= REMEMBERED:
+                    self._remembered.clear()
+                self._remembered[image_id] = (state.contents, k + 1, found)
+        return _ranked(found, k, min_score, exclude=image_id)
 
     def similar_to_vector(self, vector, k: int = MATCHES_K, min_score: float = MIN_SCORE) -> list[tuple[int, float]]:
         """The ``k`` live images most like a vector from the database's model."""
@@ -224,7 +243,7 @@ class Searcher:
         dimensions = state.dimensions or len(vector)
         if len(vector) != dimensions:
             raise ValueError(f"a {len(vector)}-d vector for a collection of {dimensions}-d ones")
-        return self._search(state, vector, k, min_score, exclude=None)
+        return _ranked(self._found(state, vector, k + 1), k, min_score, exclude=None)
 
     def similarity(self, id_a: int, id_b: int) -> float | None:
         """Cosine similarity of two live images; None when either is missing or deleted."""
@@ -302,6 +321,7 @@ class Searcher:
                 skip,
                 self._superseded(skip),
                 self._streamed,
+                (self._loaded_key, self._covered, self._read_upto, self._streamed),
             )
             return self._state
 
@@ -425,10 +445,18 @@ class Searcher:
         ).fetchone()
         return decode(row[0]) if row else None
 
-    def _search(
-        self, state: State, vector: np.ndarray, k: int, min_score: float, exclude: int | None
-    ) -> list[tuple[int, float]]:
-        want = k + 1  # room for the query image itself
+    def _recall(self, state: State, image_id: int, want: int) -> dict[int, float] | None:
+        """A remembered answer for ``image_id`` as good as a search for ``want`` now."""
+        with self._lock:
+            entry = self._remembered.get(image_id)
+        if entry is not None and entry[0] == state.contents and entry[1] >= want:
+            return entry[2]
+        return None
+
+    def _found(self, state: State, vector: np.ndarray, want: int) -> dict[int, float]:
+        """Candidates for the ``want`` nearest (the query image itself among them) with
+        their exact scores."""
+        self.searches += 1
         found: dict[int, float] = {}
         if state.streamed:
             found.update(self._search_streamed(state, vector, want))
@@ -439,9 +467,7 @@ class Searcher:
             found.update((int(state.tail_ids[i]), float(scores[i])) for i in top if state.tail_ids[i] >= 0)
         if state.segments:
             found.update(self._search_segments(state, vector, want))
-        found.pop(exclude, None)
-        ranked = sorted((-score, image_id) for image_id, score in found.items() if score >= min_score)
-        return [(image_id, -negative) for negative, image_id in ranked[:k]]
+        return found
 
     def _search_streamed(self, state: State, vector: np.ndarray, want: int) -> dict[int, float]:
         """Exact search over every live vector, read from SQLite STREAM_CHUNK at a time."""
@@ -517,6 +543,11 @@ class Searcher:
             scores = np.stack([decode(blob) for _, blob in rows]) @ vector
             scored.update((image_id, float(score)) for (image_id, _), score in zip(rows, scores))
         return scored
+
+
+def _ranked(found: dict[int, float], k: int, min_score: float, exclude: int | None) -> list[tuple[int, float]]:
+    ranked = sorted((-score, image_id) for image_id, score in found.items() if score >= min_score and image_id != exclude)
+    return [(image_id, -negative) for negative, image_id in ranked[:k]]
 
 
 _searchers: dict[str, Searcher] = {}

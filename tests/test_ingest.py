@@ -381,3 +381,28 @@ def test_starting_an_add_reads_nothing_per_stored_image(store, counting_model, i
     copy = shutil.copy(paths[0], images_dir / "copy-of-first.png")
     summary = _add(store, counting_model, [copy])
     assert summary.reused == 1 and counting_model.calls == calls
+
+
+def test_upkeep_searches_once_for_each_new_image(store, small_model, images_dir):
+    """After a batch, matches, the map and duplicates all want each new image's nearest;
+    the searcher finds them once (the lists of the others are read, not searched)."""
+    from collection import projection
+    from collection.search import open_index
+    from collection.upkeep import Upkeep
+
+    first = [make_image(images_dir / f"a{n}.png", seed=n) for n in range(8)]
+    _add(store, small_model, first)
+    projection.project(store, method="pca")
+    upkeep = Upkeep(store, refresh_map=False)
+    upkeep.after_batch([])  # the first grouping of duplicates and the matches of the first 8
+    searcher = open_index(store.path)
+    later = [make_image(images_dir / f"b{n}.png", seed=100 + n) for n in range(5)]
+    ids = _add(store, small_model, later).ids
+    searched = searcher.searches
+    upkeep.after_batch(ids)
+    assert searcher.searches - searched == len(ids)
+    placed = store.db.execute(
+        f"select count(*) from projection where image_id in ({','.join('?' * len(ids))})", ids
+    ).fetchone()[0]
+    assert placed == len(ids)  # the map took them in, from the remembered answers
+    assert {row[0] for row in store.db.execute("select image_id from matches")} >= set(ids)
