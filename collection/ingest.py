@@ -157,6 +157,12 @@ def decode_workers(model: Model) -> int:
     return max(1, cores // 4)
 
 
+# Batches decoded ahead of the one the model takes next. Two: the decoding threads keep
+# busy while the calling thread waits for the model, for the upkeep in flight or writes,
+# instead of running dry at the end of the one batch ahead (a decoded image is ~0.2 MB).
+DECODE_AHEAD = 2
+
+
 class Behind:
     """``on_batch`` work on one thread of its own, so that it overlaps the next batches'
     decoding and model calls instead of following them, and on several batches at once.
@@ -335,12 +341,12 @@ class Ingester:
                 if progress:
                     progress(1)
 
-        # Decoding runs one batch ahead of the model, in the background.
+        # Decoding runs DECODE_AHEAD batches ahead of the model, in the background.
         queued: deque[list[Future]] = deque()
         with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
             for chunk in _chunks(reads, self.batch_size):
                 queued.append([pool.submit(self._read, read) for read in chunk])
-                while len(queued) > 1:
+                while len(queued) > DECODE_AHEAD:
                     handle(queued.popleft())
             while queued:
                 handle(queued.popleft())
