@@ -167,7 +167,7 @@ class LayoutCache:
         return found
 
 
-LAYOUTS_CACHED = 2048  # 56 MB at most
+LAYOUTS_CACHED = 1024  # 28 MB at most
 _layouts = LayoutCache(LAYOUTS_CACHED)
 
 
