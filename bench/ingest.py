@@ -221,7 +221,7 @@ def run_add(name: str, runtime: str, precision: str, files: list[Path], batch_si
             upkeep(ids)
             rss.append(current_rss_mb())
 
-        after_batch.wait, after_batch.drain = upkeep.wait, upkeep.drain
+        after_batch.wait, after_batch.drain, after_batch.hurry = upkeep.wait, upkeep.drain, upkeep.hurry
         ingester = Ingester(store, model, batch_size=batch_size, on_batch=after_batch)
         start, cpu = time.perf_counter(), time.process_time()
         summary = ingester.add([str(p) for p in files])
