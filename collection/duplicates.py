@@ -318,6 +318,7 @@ class _Grouper:
         self.changed: set[int] = set()
         self.live: dict[int, np.ndarray | None] = {}  # id -> vector, None when not live
         self.layouts: dict[int, np.ndarray | None] = {}
+        self.old_group_ids: dict[tuple[str, int], int | None] = {}
         self.exact_groups: dict[int, list[int]] = {}
         self.decided = 0
         # tier -> id -> its new representative (itself for one), None when not live
@@ -389,12 +390,19 @@ class _Grouper:
         return group_id is None or group_id == image_id
 
     def _old_group_id(self, tier: str, image_id: int) -> int | None:
+        """The image's group in the table as the pass found it (read once: the table
+        changes only in ``write``)."""
         if self.fresh:
             return None
-        row = self.db.execute(
-            "select group_id from duplicate_groups where tier = ? and image_id = ?", [tier, image_id]
-        ).fetchone()
-        return row[0] if row else None
+        key = (tier, image_id)
+        if key not in self.old_group_ids:
+            if len(self.old_group_ids) >= 4 * _CACHED_VECTORS:
+                self.old_group_ids.clear()
+            row = self.db.execute(
+                "select group_id from duplicate_groups where tier = ? and image_id = ?", [tier, image_id]
+            ).fetchone()
+            self.old_group_ids[key] = row[0] if row else None
+        return self.old_group_ids[key]
 
     def _old_group(self, tier: str, image_id: int) -> tuple[bool, list[int]]:
         """Whether the table has the image as a representative, and its members if so."""
