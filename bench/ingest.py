@@ -156,7 +156,30 @@ def run_ceiling(name: str, runtime: str, precision: str, files: list[Path]) -> d
     sweep = {size: rate(size, 64)[0] for size in (8, 16, 32, 64)}
     best = max(sweep, key=sweep.get)
     images_per_s, core_s = rate(best, len(files))
-    return {"rate": images_per_s, "batch": best, "model_core_ms": 1000 * core_s}
+    out = {"rate": images_per_s, "batch": best, "model_core_ms": 1000 * core_s}
+    if runtime == "openvino":
+        out["kernels"] = openvino_kernels(model)
+    return out
+
+
+def openvino_kernels(model) -> list[str]:
+    """The instruction sets named by the kernels OpenVINO's CPU plugin picks for the
+    model (its cached IR compiled again): how far --max-isa reached."""
+    import openvino as ov
+
+    from collection import runtimes
+
+    path = runtimes.ir_path(
+        runtimes.cache_dir(), model.model_id, runtimes.weights_digest(model.keras_model), model.precision,
+        runtimes.openvino_version(),
+    )
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(path), "CPU", {"INFERENCE_PRECISION_HINT": runtimes._INFERENCE_PRECISION[model.precision]})
+    found = set()
+    for op in compiled.get_runtime_model().get_ops():
+        kind = op.get_rt_info()["primitiveType"].astype(str)
+        found.update(isa for isa in ("amx", "avx512", "avx2", "sse41") if isa in kind)
+    return sorted(found)
 
 
 def run_decode(name: str, files: list[Path]) -> dict:
@@ -198,7 +221,7 @@ def run_add(name: str, runtime: str, precision: str, files: list[Path], batch_si
             upkeep(ids)
             rss.append(current_rss_mb())
 
-        after_batch.wait, after_batch.drain = upkeep.wait, upkeep.drain
+        after_batch.wait, after_batch.drain, after_batch.hurry = upkeep.wait, upkeep.drain, upkeep.hurry
         ingester = Ingester(store, model, batch_size=batch_size, on_batch=after_batch)
         start, cpu = time.perf_counter(), time.process_time()
         summary = ingester.add([str(p) for p in files])
@@ -321,6 +344,7 @@ def measure(run: str, name: str, corpus: Path, runtime: str = "", precision: str
     r = json.loads(out.stdout.strip().splitlines()[-1])
     if "rate" in r:
         batch = f" (batch {r['batch']}, {r['model_core_ms']:.1f} core-ms/image)" if "batch" in r else ""
+        batch += f", OpenVINO kernels: {' '.join(r['kernels'])}" if "kernels" in r else ""
         growth = f", {r['workers']} decode threads, RSS {r['rss_growth_mb']:+.0f} MB from the first quarter to the end" if "rss_growth_mb" in r else ""
         print(f"  {name:<18} {run:<9} {runtime:<10} {precision}: {r['rate']:6.2f} images/s{batch}, peak RSS {r['peak_rss_mb']:.0f} MB{growth}", flush=True)
     elif "decode_core_ms" in r:
@@ -336,6 +360,8 @@ def combine(runs: list[dict]) -> dict:
             out[key] = float(np.median([r[key] for r in runs]))
     if "batch" in runs[0]:
         out["batch"] = Counter(r["batch"] for r in runs).most_common(1)[0][0]
+    if "kernels" in runs[0]:
+        out["kernels"] = sorted({isa for r in runs for isa in r["kernels"]})
     if "rss_growth_mb" in runs[0]:
         out["rss_growth_mb"] = max(r["rss_growth_mb"] for r in runs)
         out["workers"] = runs[0]["workers"]
@@ -360,6 +386,12 @@ def main() -> None:
     parser.add_argument("--agreement-precisions", default="fp32,bf16", help="agreement is cheap: every runtime at these")
     parser.add_argument("--int8", action="store_true", help="also OpenVINO int8 through NNCF (pip install nncf), EfficientNet-Lite0 only")
     parser.add_argument("--loop2017", action="store_true", help="also time the 2017 loop (batch 1, two passes), once")
+    parser.add_argument(
+        "--max-isa", metavar="ISA",
+        help="cap the instruction set the model's kernels may use, e.g. AVX2 (ONEDNN_MAX_CPU_ISA for TensorFlow's "
+             "oneDNN, OV_CPU_MAX_ISA and ONEDNN_MAX_CPU_ISA for OpenVINO): an older CPU emulated on this one; "
+             "use with --precisions fp32",
+    )
     parser.add_argument("--run", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--runtime", help=argparse.SUPPRESS)
@@ -370,10 +402,15 @@ def main() -> None:
     if args.run:
         return child(args)
 
+    if args.max_isa:  # read by the children, each a process of its own, before their first kernel
+        os.environ["ONEDNN_MAX_CPU_ISA"] = os.environ["OV_CPU_MAX_ISA"] = args.max_isa.upper()
     corpus = build_corpus(args.count)
     megapixels = np.mean([np.prod(Image.open(p).size) for p in corpus.iterdir()]) / 1e6
     print(f"corpus: {args.count} files, mean {megapixels:.1f} MP, in {corpus} (from {SEEDS if 'photos' in corpus.name else 'scikit samples'})")
     print(f"machine: {CORES} cores; CPU flags: {cpu_flags()}")
+    if args.max_isa:
+        print(f"emulated {args.max_isa.upper()}-only (ISA capped on this machine: ONEDNN_MAX_CPU_ISA and OV_CPU_MAX_ISA "
+              f"= {args.max_isa.upper()}; decoding's own SIMD (libjpeg-turbo, numpy) not capped)")
     print(f"command: {' '.join(sys.argv)}\n")
     configs = [(rt, p) for p in args.precisions.split(",") for rt in args.runtimes.split(",")]
     rows = []
@@ -450,6 +487,12 @@ def main() -> None:
             )
         if loop:
             print(f"| {name} | 2017 loop (batch 1, two passes) | fp32 | | | | | | | | | | {loop['rate']:.2f} | | | | | | | | | {loop['peak_rss_mb']:.0f} |")
+    for name, _, _, results, _ in rows:
+        for runtime, precision in configs:
+            kernels = results[("ceiling", runtime, precision)].get("kernels")
+            if kernels:
+                print(f"\n{name} OpenVINO {precision}: its CPU plugin's kernels named {', '.join(kernels)}.", end="")
+    print()
     for name, _, _, _, int8 in rows:
         if int8:
             print(f"\n{name} int8: calibrated on the {args.count // 2} even-numbered files; on the odd-numbered ones alone, "

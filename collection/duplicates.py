@@ -33,6 +33,7 @@ written into the grouping. Nothing here deletes or moves a file.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import io
 import json
@@ -40,6 +41,7 @@ import logging
 import os
 import sqlite3
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -128,6 +130,45 @@ def layout(jpeg: bytes | None) -> np.ndarray | None:
         detail = detail.ravel() - detail.mean()
         rows.append(detail / max(float(np.linalg.norm(detail)), 1e-9))
     return np.stack(rows)
+
+
+class LayoutCache:
+    """The layouts of the thumbnails seen last, by a digest of the JPEG's bytes, kept
+    across passes: the representatives a new image is checked against come back batch
+    after batch, and working out a layout (a JPEG decode and six resizes) was most of the
+    upkeep after a batch (bench/ingest.py). The same bytes give the same layout, so a
+    replaced thumbnail is simply another key; at most ``entries`` layouts (27 kB each),
+    least recently used out first. Shared by threads."""
+
+    def __init__(self, entries: int):
+        self.entries = entries
+        self._layouts: OrderedDict[bytes, np.ndarray | None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._layouts)
+
+    def __call__(self, jpeg: bytes | None) -> np.ndarray | None:
+        """``layout(jpeg)``, computed only when not cached."""
+        if jpeg is None:
+            return None
+        key = hashlib.blake2b(jpeg, digest_size=16).digest()
+        with self._lock:
+            if key in self._layouts:
+                self._layouts.move_to_end(key)
+                return self._layouts[key]
+        found = layout(jpeg)  # outside the lock: another thread may compute the same one
+        if found is not None:
+            found.setflags(write=False)  # one array for every pass that asks
+        with self._lock:
+            self._layouts[key] = found
+            while len(self._layouts) > self.entries:
+                self._layouts.popitem(last=False)
+        return found
+
+
+LAYOUTS_CACHED = 1024  # 28 MB at most
+_layouts = LayoutCache(LAYOUTS_CACHED)
 
 
 def layout_similarity(a: np.ndarray, b: np.ndarray) -> float:
@@ -277,6 +318,7 @@ class _Grouper:
         self.changed: set[int] = set()
         self.live: dict[int, np.ndarray | None] = {}  # id -> vector, None when not live
         self.layouts: dict[int, np.ndarray | None] = {}
+        self.old_group_ids: dict[tuple[str, int], int | None] = {}
         self.exact_groups: dict[int, list[int]] = {}
         self.decided = 0
         # tier -> id -> its new representative (itself for one), None when not live
@@ -348,12 +390,19 @@ class _Grouper:
         return group_id is None or group_id == image_id
 
     def _old_group_id(self, tier: str, image_id: int) -> int | None:
+        """The image's group in the table as the pass found it (read once: the table
+        changes only in ``write``)."""
         if self.fresh:
             return None
-        row = self.db.execute(
-            "select group_id from duplicate_groups where tier = ? and image_id = ?", [tier, image_id]
-        ).fetchone()
-        return row[0] if row else None
+        key = (tier, image_id)
+        if key not in self.old_group_ids:
+            if len(self.old_group_ids) >= 4 * _CACHED_VECTORS:
+                self.old_group_ids.clear()
+            row = self.db.execute(
+                "select group_id from duplicate_groups where tier = ? and image_id = ?", [tier, image_id]
+            ).fetchone()
+            self.old_group_ids[key] = row[0] if row else None
+        return self.old_group_ids[key]
 
     def _old_group(self, tier: str, image_id: int) -> tuple[bool, list[int]]:
         """Whether the table has the image as a representative, and its members if so."""
@@ -422,7 +471,7 @@ class _Grouper:
             if len(self.layouts) >= _CACHED_VECTORS:
                 self.layouts.clear()
             row = self.db.execute("select jpeg from thumbnails where image_id = ?", [image_id]).fetchone()
-            self.layouts[image_id] = layout(row[0] if row else None)
+            self.layouts[image_id] = _layouts(row[0] if row else None)
         return self.layouts[image_id]
 
     def _exact(self, changed: list[int]) -> None:

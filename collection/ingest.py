@@ -159,6 +159,12 @@ def decode_workers(model: Model) -> int:
     return max(1, cores // 4)
 
 
+# Batches decoded ahead of the one the model takes next. Two: the decoding threads keep
+# busy while the calling thread waits for the model, for the upkeep in flight or writes,
+# instead of running dry at the end of the one batch ahead (a decoded image is ~0.2 MB).
+DECODE_AHEAD = 2
+
+
 class KnownContent:
     """``sha256 in known``: whether content with that hash already has a vector, asked by
     the decoding threads, each through a connection of its own, on the sha256 index. (A
@@ -209,7 +215,11 @@ class Behind:
     a last call with what is left, before ``add`` returns: each call finds the database
     as an inline call after the same batch would, so the results are the same (the
     upkeep's results do not depend on how batches are grouped). An error in a call is
-    raised on the calling thread at that wait."""
+    raised on the calling thread at that wait.
+
+    Once nothing is left to decode (``hurry``), ids go as soon as their batch is
+    committed, so that the upkeep overlaps the last model calls rather than following
+    them with the other cores idle."""
 
     def __init__(
         self, start: Callable[[], tuple[Callable[[list[int]], None], Callable[[], None]]], at_least: int = 1
@@ -219,11 +229,19 @@ class Behind:
         self._call, self._finish = self._thread.submit(start).result()
         self._gathered: list[int] = []
         self._pending: Future | None = None
+        self._hurrying = False
         self.core_seconds = 0.0  # CPU time of the calls, on their thread
 
     def __call__(self, ids: list[int]) -> None:
         self._gathered.extend(ids)
-        if len(self._gathered) >= self.at_least:
+        if len(self._gathered) >= (1 if self._hurrying else self.at_least):
+            self._submit()
+
+    def hurry(self) -> None:
+        """The caller has nothing more to decode: what has gathered goes now unless a
+        call is in flight, and until ``drain`` each call takes what there is."""
+        self._hurrying = True
+        if self._gathered and (self._pending is None or self._pending.done()):
             self._submit()
 
     def _submit(self) -> None:
@@ -246,6 +264,7 @@ class Behind:
 
     def drain(self) -> None:
         """One call with the ids gathered so far, if any, and wait for it."""
+        self._hurrying = False
         if self._gathered:
             self._submit()
         self.wait()
@@ -370,14 +389,17 @@ class Ingester:
                 if progress:
                     progress(1)
 
-        # Decoding runs one batch ahead of the model, in the background.
+        # Decoding runs DECODE_AHEAD batches ahead of the model, in the background.
         queued: deque[list[Future]] = deque()
         try:
             with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
                 for chunk in _chunks(reads, self.batch_size):
                     queued.append([pool.submit(self._read, read) for read in chunk])
-                    while len(queued) > 1:
+                    while len(queued) > DECODE_AHEAD:
                         handle(queued.popleft())
+                hurry = getattr(self.on_batch, "hurry", None)  # the last batches are decoding
+                if hurry is not None:
+                    hurry()
                 while queued:
                     handle(queued.popleft())
         finally:

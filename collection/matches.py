@@ -97,11 +97,14 @@ def _update(store: Store, changed: set[int], k: int, min_score: float) -> int:
         db.execute("delete from matches where image_id in (select value from json_each(?))", [redo])
         for image_id, found in lists.items():
             _write_list(db, image_id, found)
-        merged = set()
+        # Each older list the new images may enter, with what enters it in turn: read
+        # and written once, however many of the batch's images enter it.
+        entering: dict[int, list[tuple[int, float]]] = {}
         for new_id, found in reach.items():
             for other, score in found:
-                if other not in lists and _take_in(db, other, new_id, score, k):
-                    merged.add(other)
+                if other not in lists:
+                    entering.setdefault(other, []).append((new_id, score))
+        merged = {other for other, candidates in entering.items() if _take_in(db, other, candidates, k)}
         _finish(store, upto)
     return len(lists) + len(merged)
 
@@ -177,19 +180,23 @@ def _write_list(db, image_id: int, found: list[tuple[int, float]]) -> None:
     )
 
 
-def _take_in(db, image_id: int, new_id: int, score: float, k: int) -> bool:
-    """Put ``new_id`` into ``image_id``'s list if it ranks within the top k there."""
-    current = [
-        (match_id, s)
-        for match_id, s in db.execute("select match_id, score from matches where image_id = ? order by rank", [image_id])
-        if match_id != new_id
-    ]
-    if len(current) >= k and (-score, new_id) > (-current[-1][1], current[-1][0]):
-        return False
-    found = sorted([*current, (new_id, score)], key=lambda pair: (-pair[1], pair[0]))[:k]
-    db.execute("delete from matches where image_id = ?", [image_id])
-    _write_list(db, image_id, found)
-    return True
+def _take_in(db, image_id: int, candidates: list[tuple[int, float]], k: int) -> bool:
+    """Put each (new_id, score) into ``image_id``'s list in turn if it ranks within the
+    top k there; write the list if any did."""
+    current = [tuple(row) for row in db.execute(
+        "select match_id, score from matches where image_id = ? order by rank", [image_id]
+    )]
+    entered = False
+    for new_id, score in candidates:
+        others = [(match_id, s) for match_id, s in current if match_id != new_id]
+        if len(others) >= k and (-score, new_id) > (-others[-1][1], others[-1][0]):
+            continue
+        current = sorted([*others, (new_id, score)], key=lambda pair: (-pair[1], pair[0]))[:k]
+        entered = True
+    if entered:
+        db.execute("delete from matches where image_id = ?", [image_id])
+        _write_list(db, image_id, current)
+    return entered
 
 
 def _finish(store: Store, upto: int) -> None:

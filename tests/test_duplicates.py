@@ -585,3 +585,57 @@ def test_a_bad_threshold_stops_the_start_with_its_message(vstore, monkeypatch, t
     result = CliRunner().invoke(cli, ["add", str(folder), "--db", str(vstore.path)])
     assert result.exit_code == 1
     assert result.output.strip() == "Error: COLLECTION_SIMILAR must be a cosine from -1 to 1, not 'lots'"
+
+
+# --- the layouts kept across passes -------------------------------------------------------
+
+
+def thumbnails_of_samples(count: int) -> list[bytes]:
+    """``count`` distinct thumbnails (JPEG) cut from the shipped sample photos."""
+    from PIL import Image
+
+    from collection import images
+    from conftest import sample_photos
+
+    photos = [Image.fromarray(a).convert("RGB") for a in sample_photos().values()]
+    out = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        w, h = photo.size
+        shift = 7 * (i // len(photos))
+        out.append(images.thumbnail(photo.crop((shift, shift, w - shift, h - shift))))
+    return out
+
+
+def test_layout_cache_gives_layout_and_holds_at_most_its_entries():
+    jpegs = thumbnails_of_samples(5)
+    cache = duplicates.LayoutCache(entries=3)
+    first = [cache(j) for j in jpegs]
+    for jpeg, found in zip(jpegs, first):
+        assert np.array_equal(found, duplicates.layout(jpeg))  # the same numbers as computed afresh
+    assert len(cache) == 3  # bounded: the two least recently used went
+    assert cache(jpegs[4]) is first[4]  # cached: not computed again
+    assert cache(bytes(jpegs[4])) is first[4]  # keyed by the bytes, not the object
+    assert cache(jpegs[0]) is not first[0]  # evicted: computed again, to the same numbers
+    assert np.array_equal(cache(jpegs[0]), first[0])
+    assert cache(None) is None and len(cache) == 3
+    with pytest.raises(ValueError):
+        first[4][0, 0] = 1.0  # shared between passes: read-only
+
+
+def test_upkeep_works_out_each_thumbnail_layout_once(photos, monkeypatch):
+    """The layouts of the representatives a later batch is checked against come from the
+    cache kept across passes, not from decoding their thumbnails again; the groups are
+    the same as from scratch."""
+    db_path, ids = photos
+    store = Store(db_path)
+    worked_out = []
+    real = duplicates.layout
+    monkeypatch.setattr(duplicates, "layout", lambda jpeg: worked_out.append(jpeg) or real(jpeg))
+    monkeypatch.setattr(duplicates, "_layouts", duplicates.LayoutCache(64))
+    before = rows(store)
+    for _ in range(2):  # every image re-decided, twice, in separate passes
+        duplicates.update(store, list(ids.values()))
+        assert rows(store) == before
+    assert worked_out and len(worked_out) == len(set(worked_out))
+    store.close()

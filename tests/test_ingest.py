@@ -195,8 +195,8 @@ class _SlowModel:
         return getattr(self._model, name)
 
 
-def test_the_next_batch_is_decoded_while_the_model_runs(store, small_model, images_dir):
-    paths = [make_image(images_dir / f"{i}.png", seed=i) for i in range(6)]
+def test_the_next_batches_are_decoded_while_the_model_runs(store, small_model, images_dir):
+    paths = [make_image(images_dir / f"{i}.png", seed=i) for i in range(10)]
     reads: list[str] = []
 
     class Recording(Ingester):
@@ -207,9 +207,10 @@ def test_the_next_batch_is_decoded_while_the_model_runs(store, small_model, imag
 
     model = _SlowModel(small_model, reads)
     summary = Recording(store, model, batch_size=2, workers=1).add([str(p) for p in paths])
-    assert summary.added == 6 and summary.batches == [2, 2, 2]
-    # while batch 1 was in the model, batch 2 was decoded; then batch 3 during batch 2
-    assert model.decoded_at_end == [4, 6, 6]
+    assert summary.added == 10 and summary.batches == [2, 2, 2, 2, 2]
+    # while batch 1 was in the model, batches 2 and 3 were decoded (DECODE_AHEAD), then
+    # batch 4 during batch 2 and batch 5 during batch 3: two ahead, never more
+    assert model.decoded_at_end == [6, 8, 10, 10, 10]
 
 
 def test_summary_says_where_the_time_went(store, small_model, images_dir):
@@ -317,7 +318,7 @@ def test_work_behind_sees_its_batch_committed_and_not_the_next(store, small_mode
 def test_work_behind_takes_several_batches_at_once(store, small_model, images_dir):
     from collection.ingest import Behind
 
-    paths = [make_image(images_dir / f"{i}.png", seed=i) for i in range(7)]
+    paths = [make_image(images_dir / f"{i}.png", seed=i) for i in range(13)]
     seen = []
 
     def start():
@@ -326,8 +327,9 @@ def test_work_behind_takes_several_batches_at_once(store, small_model, images_di
 
     behind = Behind(start, at_least=5)
     _add(store, small_model, paths, batch_size=3, on_batch=behind)
-    # The first two batches in one call once they were committed; what was left when add ended.
-    assert [(len(ids), count) for ids, count in seen] == [(6, 6), (1, 7)]
+    # The first two batches in one call once they were committed. Then nothing was left
+    # to decode (hurry): what had gathered went at once, and each later batch on its own.
+    assert [(len(ids), count) for ids, count in seen] == [(6, 6), (3, 9), (3, 12), (1, 13)]
     assert sorted(i for ids, _ in seen for i in ids) == [r[0] for r in store.db.execute("select id from images order by id")]
     behind.close()
 
