@@ -348,7 +348,7 @@ def run_serve(db_path: Path, requests: int) -> list[tuple[str, list[float]]]:
                 started = time.perf_counter()
                 conn.request("GET", path(i))
                 response = conn.getresponse()
-                body = response.read()
+                response.read()
                 elapsed = time.perf_counter() - started
                 if response.status != 200:  # e.g. a query past Datasette's time limit
                     failed += 1

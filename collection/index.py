@@ -40,7 +40,7 @@ from typing import Iterator
 import numpy as np
 from annoy import AnnoyIndex
 
-from .store import decode, now
+from .store import now
 
 # bench/similar.py chose these: recall@10 >= 0.95 against exact search at every stage of a
 # backfill of clustered vectors (see the README's table).

@@ -452,14 +452,14 @@ def _positions(store: Store, todo: list[tuple[int, str]], vectors: np.ndarray) -
     # Neighbours placed in this same call are not on the map yet: ask for enough to spare.
     want = NEIGHBOURS + min(len(todo), NEIGHBOURS)
 
-    def neighbours(image_id: int, vector: np.ndarray) -> list[tuple[int, float]]:
+    def nearest(image_id: int, vector: np.ndarray) -> list[tuple[int, float]]:
         try:  # by id: after a batch, the searcher remembers matches' search for it
             return searcher.similar(image_id, want, -1.0)
         except KeyError:  # deleted meanwhile: by the vector read
             return searcher.similar_to_vector(vector, want, -1.0)
 
     found = [
-        [(i, score) for i, score in neighbours(image_id, vector) if i not in skip]
+        [(i, score) for i, score in nearest(image_id, vector) if i not in skip]
         for (image_id, _), vector in zip(todo, vectors)
     ]
     ids = sorted({i for neighbours in found for i, _ in neighbours})
