@@ -424,6 +424,8 @@ def _facet_count_triggers() -> list[str]:
     live = "(select count(*) from images where id = {0}.image_id and deleted_at is null)"
     names = "(select label from labels where image_id = {0})"  # the image's labels now
     every = f"'{EVERY_IMAGE}'"
+    # The rows an image's column values count in: those of its labels, and every image's.
+    counted_in = f"(select label from labels where image_id = new.id union all select {every})"
     on_insert, on_delete = [], []
     for facet in FACET_COLUMNS:
         on_insert.append(
@@ -475,7 +477,7 @@ def _facet_count_triggers() -> list[str]:
         + " ".join(
             f"update facet_counts set live = live + (case when new.deleted_at is null then 1 else -1 end) "
             f"where old.{facet} is new.{facet} and facet = '{facet}' and value = new.{facet} "
-            f"and label in (select label from labels where image_id = new.id union all select {every});"
+            f"and label in {counted_in};"
             for facet in FACET_COLUMNS
         ) + " end",
     ]
@@ -486,7 +488,7 @@ def _facet_count_triggers() -> list[str]:
             f"when old.{facet} is not new.{facet} begin "
             f"update facet_counts set images = images - 1, live = live - (old.deleted_at is null) "
             f"where facet = '{facet}' and value = old.{facet} "
-            f"and label in (select label from labels where image_id = new.id union all select {every}); "
+            f"and label in {counted_in}; "
             f"insert into facet_counts select label, '{facet}', new.{facet}, 1, new.deleted_at is null "
             f"from (select distinct label from labels where image_id = new.id union select {every}) "
             f"where new.{facet} is not null {_ADD}; end"
@@ -608,6 +610,8 @@ def optimize(conn: sqlite3.Connection) -> None:
     if (conn.execute("select max(id) from images").fetchone()[0] or 0) < ANALYZE_FROM:
         return
     conn.execute("pragma optimize")
+    if not conn.execute("select 1 from sqlite_master where name = 'sqlite_stat1'").fetchone():
+        return  # no statistics at all (an SQLite whose optimize analyzed nothing yet)
     sampled = [
         name for name, stat in conn.execute(
             f"select idx, stat from sqlite_stat1 where idx in ({', '.join('?' * len(FEW_VALUED))})", FEW_VALUED
