@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -30,6 +31,25 @@ needs_chromium = pytest.mark.skipif(
     not os.path.exists(CHROMIUM) and not os.environ.get("CI"),
     reason=f"{CHROMIUM} is absent: install Debian's chromium (apt-get install -y chromium)",
 )
+
+
+@contextlib.contextmanager
+def browser_page(**context_options):
+    """A page in headless Debian Chromium, 1280 x 900 unless ``context_options`` (as
+    Playwright's ``new_context`` takes them: has_touch, java_script_enabled ...) say
+    otherwise; ``page.dialogs`` collects the message of every alert, confirm or prompt a
+    script opens (each dismissed), so a test can assert that no injected script ran."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(**{"viewport": {"width": 1280, "height": 900}, **context_options}).new_page()
+            page.dialogs = []
+            page.on("dialog", lambda dialog: (page.dialogs.append(dialog.message), dialog.dismiss()))
+            yield page
+        finally:
+            browser.close()
 
 
 def free_port() -> int:

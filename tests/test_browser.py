@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 from collection import images
 from collection.index import build
 from collection.store import Store
-from conftest import CHROMIUM, CHROMIUM_ARGS, free_port, make_image, needs_chromium, responds, sample_photos, wait_until
+from conftest import browser_page, free_port, make_image, needs_chromium, responds, sample_photos, wait_until
 
 pytestmark = [pytest.mark.browser, needs_chromium]
 
@@ -129,17 +129,8 @@ def server(tmp_path):
 
 @pytest.fixture
 def page():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.dialogs = []
-            page.on("dialog", lambda dialog: (page.dialogs.append(dialog.message), dialog.dismiss()))
-            yield page
-        finally:
-            browser.close()
+    with browser_page() as page:
+        yield page
 
 
 def thumbnails_rendered(page) -> list[dict]:

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from collection import duplicates
 from collection.cli import cli
 from collection.store import Store
-from conftest import CHROMIUM, CHROMIUM_ARGS, free_port, needs_chromium, responds, wait_until
+from conftest import browser_page, free_port, needs_chromium, responds, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "test-vectors"
@@ -409,7 +409,6 @@ def test_review_page_in_chromium(photos, tmp_path):
     reviewer's "keep this one" goes through the form (with its CSRF token) and sticks."""
     pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
     from datasette.app import Datasette
-    from playwright.sync_api import sync_playwright
 
     db_path, ids = photos
     secret = "test-secret"
@@ -425,41 +424,34 @@ def test_review_page_in_chromium(photos, tmp_path):
         wait_until(lambda: process.poll() is not None or responds(f"{base}/-/versions.json"), timeout=60)
         assert process.poll() is None, (tmp_path / "datasette.log").read_text()
         actor = Datasette([], secret=secret).sign({"a": {"id": "root"}}, "actor")
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page(viewport={"width": 1280, "height": 900})
-                dialogs = []
-                page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-                page.goto(f"{base}/-/duplicates?tier=near")
-                assert page.locator(".dup-group").count() == 4
-                assert page.locator(".dup-member form").count() == 0  # anonymous: no buttons
-                page.context.add_cookies([{"name": "ds_actor", "value": actor, "url": base}])
-                page.goto(f"{base}/-/duplicates?tier=near")
-                for img in page.locator(".dup-member img").all():
-                    img.scroll_into_view_if_needed()
-                page.wait_for_function("() => Array.from(document.images).every(i => i.complete)")
-                widths = page.eval_on_selector_all(".dup-member img", "imgs => imgs.map(i => i.naturalWidth)")
-                assert len(widths) == 14 and all(w > 0 for w in widths)
-                chelsea = page.locator(".dup-group", has=page.locator(f"[data-image-id='{ids['chelsea.jpg']}']"))
-                assert chelsea.locator(".dup-keeper").get_attribute("data-image-id") == str(ids["chelsea.jpg"])
-                half = chelsea.locator(f"[data-image-id='{ids['chelsea-half.jpg']}']")
-                half.get_by_role("button", name="keep this one").click()
-                page.wait_for_load_state()
-                assert "Recorded: keep this one" in page.locator(".message-info").inner_text()
-                chelsea = page.locator(".dup-group", has=page.locator(f"[data-image-id='{ids['chelsea.jpg']}']"))
-                assert chelsea.locator(".dup-keeper").get_attribute("data-image-id") == str(ids["chelsea-half.jpg"])
-                assert page.get_by_text(HOSTILE).count() == 1  # shown as text, never as markup
-                page.get_by_role("link", name="exact (4)").click()
-                page.wait_for_url("**tier=exact")
-                page.wait_for_load_state()  # count on the new page, not mid-navigation
-                assert page.locator(".dup-group").count() == 4
-                page.goto(f"{base}/-/duplicates?tier=near")
-                (ROOT / "screenshots").mkdir(exist_ok=True)
-                page.screenshot(path=str(ROOT / "screenshots" / "duplicates.png"), full_page=True)
-                assert dialogs == []  # the hostile file name ran no script
-            finally:
-                browser.close()
+        with browser_page() as page:
+            page.goto(f"{base}/-/duplicates?tier=near")
+            assert page.locator(".dup-group").count() == 4
+            assert page.locator(".dup-member form").count() == 0  # anonymous: no buttons
+            page.context.add_cookies([{"name": "ds_actor", "value": actor, "url": base}])
+            page.goto(f"{base}/-/duplicates?tier=near")
+            for img in page.locator(".dup-member img").all():
+                img.scroll_into_view_if_needed()
+            page.wait_for_function("() => Array.from(document.images).every(i => i.complete)")
+            widths = page.eval_on_selector_all(".dup-member img", "imgs => imgs.map(i => i.naturalWidth)")
+            assert len(widths) == 14 and all(w > 0 for w in widths)
+            chelsea = page.locator(".dup-group", has=page.locator(f"[data-image-id='{ids['chelsea.jpg']}']"))
+            assert chelsea.locator(".dup-keeper").get_attribute("data-image-id") == str(ids["chelsea.jpg"])
+            half = chelsea.locator(f"[data-image-id='{ids['chelsea-half.jpg']}']")
+            half.get_by_role("button", name="keep this one").click()
+            page.wait_for_load_state()
+            assert "Recorded: keep this one" in page.locator(".message-info").inner_text()
+            chelsea = page.locator(".dup-group", has=page.locator(f"[data-image-id='{ids['chelsea.jpg']}']"))
+            assert chelsea.locator(".dup-keeper").get_attribute("data-image-id") == str(ids["chelsea-half.jpg"])
+            assert page.get_by_text(HOSTILE).count() == 1  # shown as text, never as markup
+            page.get_by_role("link", name="exact (4)").click()
+            page.wait_for_url("**tier=exact")
+            page.wait_for_load_state()  # count on the new page, not mid-navigation
+            assert page.locator(".dup-group").count() == 4
+            page.goto(f"{base}/-/duplicates?tier=near")
+            (ROOT / "screenshots").mkdir(exist_ok=True)
+            page.screenshot(path=str(ROOT / "screenshots" / "duplicates.png"), full_page=True)
+            assert page.dialogs == []  # the hostile file name ran no script
     finally:
         process.terminate()
         process.wait(timeout=10)

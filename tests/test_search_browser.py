@@ -17,7 +17,7 @@ from collection.embedder import ping
 from collection.ingest import Ingester
 from collection.models import get_model
 from collection.store import Store
-from conftest import CHROMIUM, CHROMIUM_ARGS, needs_chromium, sample_photos, wait_until
+from conftest import browser_page, needs_chromium, sample_photos, wait_until
 from test_search_page import start_server
 
 pytestmark = [pytest.mark.browser, needs_chromium]
@@ -69,17 +69,8 @@ def started(collection, tmp_path_factory):
 
 @pytest.fixture
 def page():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900}, has_touch=True)
-            page.dialogs = []
-            page.on("dialog", lambda dialog: (page.dialogs.append(dialog.message), dialog.dismiss()))
-            yield page
-        finally:
-            browser.close()
+    with browser_page(has_touch=True) as page:
+        yield page
 
 
 def result_names(page) -> list[str]:
@@ -206,20 +197,13 @@ def test_a_region_finds_what_is_in_it(started, page):
 
 
 def test_without_javascript_the_form_posts_and_the_server_renders(started, tmp_path):
-    from playwright.sync_api import sync_playwright
-
     base, ids, _ = started
     upload = tmp_path / "cup.png"
     Image.fromarray(sample_photos()["coffee"]).resize((200, 133)).save(upload)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_context(java_script_enabled=False).new_page()
-            page.goto(f"{base}/-/search")
-            page.set_input_files("input[type=file]", str(upload))
-            page.locator("input[type=submit]").click()  # a plain form post, its CSRF token included
-            page.wait_for_selector(".collection-search-results figure")
-            assert result_names(page)[0].startswith("coffee"), result_names(page)
-            assert "cup.png" in page.locator(".collection-query").inner_text()
-        finally:
-            browser.close()
+    with browser_page(java_script_enabled=False) as page:
+        page.goto(f"{base}/-/search")
+        page.set_input_files("input[type=file]", str(upload))
+        page.locator("input[type=submit]").click()  # a plain form post, its CSRF token included
+        page.wait_for_selector(".collection-search-results figure")
+        assert result_names(page)[0].startswith("coffee"), result_names(page)
+        assert "cup.png" in page.locator(".collection-query").inner_text()
