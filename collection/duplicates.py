@@ -49,6 +49,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from .background import Jobs
+from .search import NEIGHBOURHOOD
 from .store import Store, decode, now
 
 TIERS = ("exact", "near", "similar")
@@ -180,14 +181,15 @@ def layout_similarity(a: np.ndarray, b: np.ndarray) -> float:
 # --- keeping the groups current --------------------------------------------------------
 
 
-def update(store: Store, ids: Iterable[int] = (), background: bool = True) -> int:
+def update(store: Store, ids: Iterable[int] = (), background: bool = True, upto: int | None = None) -> int:
     """Bring ``duplicate_groups`` up to date after committed writes; returns how many
-    images were re-decided. ``ids`` are joined by every id the change log names, so a
-    change made elsewhere is caught too. Thresholds other than those the groups were
-    made with, or a database that never had groups (one from before them), mean a
-    regrouping from scratch: at once for a small collection, else in the background
-    (returning 0), never inside an ``add``; the groups then fill as it goes. With
-    ``background`` False (a command that lists the groups) it regroups here."""
+    images were re-decided. What is decided is what the change log names since the last
+    update, up to ``upto`` (or its newest entry), joined by the ``ids`` given; so a
+    change made elsewhere is caught too. Thresholds other than those the groups were made with, or
+    a database that never had groups (one from before them), mean a regrouping from
+    scratch: at once for a small collection, else in the background (returning 0),
+    never inside an ``add``; the groups then fill as it goes. With ``background`` False
+    (a command that lists the groups) it regroups here."""
     config = thresholds(store.model)
     done = store.get_meta("duplicates_seq")
     if done is None or store.get_meta("duplicates_thresholds") != json.dumps(config, sort_keys=True):
@@ -199,14 +201,14 @@ def update(store: Store, ids: Iterable[int] = (), background: bool = True) -> in
             return 0
         return regroup(store)
     with _lock_for(store.path):
-        return _update(store, config, int(done), ids)
+        return _update(store, config, int(done), ids, upto)
 
 
-def _update(store: Store, config: dict[str, float], done: int, ids: Iterable[int]) -> int:
-    upto = _last_change(store.db.conn)
+def _update(store: Store, config: dict[str, float], done: int, ids: Iterable[int], upto: int | None = None) -> int:
+    upto = _last_change(store.db.conn) if upto is None else upto
     changed = {int(i) for i in ids}
     changed.update(
-        r[0] for r in store.db.execute("select image_id from duplicate_changes where seq > ?", [done])
+        r[0] for r in store.db.execute("select image_id from duplicate_changes where seq > ? and seq <= ?", [done, upto])
     )
     if not changed:
         return 0
@@ -429,7 +431,7 @@ class _Grouper:
         if vector is None:
             return None
         loosest = min(self.config[tier] for tier in VECTOR_TIERS) - _MARGIN
-        k = 32
+        k = NEIGHBOURHOOD  # what matches asked for the same new image: remembered
         while True:
             try:
                 found = self.searcher.similar(image_id, k, loosest)

@@ -202,7 +202,8 @@ class KnownContent:
 
 class Behind:
     """``on_batch`` work on one thread of its own, so that it overlaps the next batches'
-    decoding and model calls instead of following them, and on several batches at once.
+    decoding, model calls and commits instead of following them, and on several batches
+    at once.
 
     ``start`` runs on that thread and returns the callable for a list of written ids and
     one to call at the end: whatever SQLite connection they use is opened there, the only
@@ -210,12 +211,14 @@ class Behind:
     takes them all: the upkeep after a batch (matches, duplicates) costs less per image
     in larger calls (bench/ingest.py's corpus, EfficientNet-Lite0: 8.1 core-ms per image
     in calls of 16, 3.7 in calls of 64), and all that `collection add` promises is that
-    everything is current when it returns. Calls run one at a time, in order, and the
-    Ingester waits for the one in flight before it commits its next batch and, after
-    a last call with what is left, before ``add`` returns: each call finds the database
-    as an inline call after the same batch would, so the results are the same (the
-    upkeep's results do not depend on how batches are grouped). An error in a call is
-    raised on the calling thread at that wait.
+    everything is current when it returns. Calls run one at a time, in order. The
+    Ingester does not wait for the call in flight: its next batches commit meanwhile and
+    their ids gather for the next call, up to ``at_most`` (then it waits, so the work
+    behind stays bounded). After a last call with what is left, ``add`` returns. A call
+    may find later batches committed too; the upkeep reads its change logs, so what it
+    does with them is what an inline call after each batch would have left (tested), and
+    the next call does not redo them. An error in a call is raised on the calling thread
+    at its next call or at the end.
 
     Once nothing is left to decode (``hurry``), ids go as soon as their batch is
     committed, so that the upkeep overlaps the last model calls rather than following
@@ -225,15 +228,21 @@ class Behind:
         self, start: Callable[[], tuple[Callable[[list[int]], None], Callable[[], None]]], at_least: int = 1
     ):
         self.at_least = at_least
+        self.at_most = 4 * at_least  # ids gathered while a call runs before the writer waits
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="after-batch")
         self._call, self._finish = self._thread.submit(start).result()
         self._gathered: list[int] = []
         self._pending: Future | None = None
         self._hurrying = False
+        self._failed = False
         self.core_seconds = 0.0  # CPU time of the calls, on their thread
 
     def __call__(self, ids: list[int]) -> None:
         self._gathered.extend(ids)
+        if self._pending is not None and not self._pending.done():
+            if len(self._gathered) < self.at_most:
+                return  # it takes these when it is done
+            self.wait()
         if len(self._gathered) >= (1 if self._hurrying else self.at_least):
             self._submit()
 
@@ -257,15 +266,20 @@ class Behind:
             self.core_seconds += time.thread_time() - started
 
     def wait(self) -> None:
-        """Until the call in flight is done; raises what it raised."""
+        """Until the call in flight is done; raises what it raised (once: after that,
+        ``drain`` makes no more calls)."""
         pending, self._pending = self._pending, None
         if pending is not None:
-            pending.result()
+            try:
+                pending.result()
+            except BaseException:
+                self._failed = True
+                raise
 
     def drain(self) -> None:
         """One call with the ids gathered so far, if any, and wait for it."""
         self._hurrying = False
-        if self._gathered:
+        if self._gathered and not self._failed:
             self._submit()
         self.wait()
 
@@ -360,16 +374,11 @@ class Ingester:
             # replaced): decoded this time, now that its hash is no longer "known".
             again, self._again = self._again, []
             self._add_reads((r for p in again if (r := self._triage(p, summary))), summary, None)
-        self._after_previous_batch(summary, last=True)
-        return summary
-
-    def _after_previous_batch(self, summary: Summary, last: bool = False) -> None:
-        """Wait for ``on_batch`` work still running behind (``Behind``); the last time,
-        for the work on what it has not yet been given too."""
-        wait = getattr(self.on_batch, "drain" if last else "wait", None)
-        if wait is not None:
+        drain = getattr(self.on_batch, "drain", None)  # work still running behind (Behind)
+        if drain is not None:
             with summary.timing("after batch"):
-                wait()
+                drain()
+        return summary
 
     def _add_reads(
         self, reads: Iterable[_Read], summary: Summary, progress: Callable[[int], None] | None
@@ -481,7 +490,6 @@ class Ingester:
                 labels = self.model.top_labels(probs)
         store = self.store
         first = len(summary.ids)
-        self._after_previous_batch(summary)
         with summary.timing("writing"), store.db.atomic():
             for read in other:
                 if read.error:

@@ -18,12 +18,12 @@ from typing import Iterable
 
 from .background import Jobs
 from .index import last_change, prune_changes
-from .search import MATCHES_K, MIN_SCORE, open_index
+from .search import MATCHES_K, MIN_SCORE, NEIGHBOURHOOD, open_index
 from .store import Store
 
 # A new image enters an older image's top-k only if that image is among the new one's
 # nearest REVERSE_REACH: exact for any image that is not an outlier far from the rest.
-REVERSE_REACH = 100
+REVERSE_REACH = NEIGHBOURHOOD
 # A table this small (in live images) is filled at once: it costs about one batch.
 FILL_AT_ONCE = 2000
 FILL_CHUNK = 500  # images per transaction of a background fill
@@ -45,13 +45,14 @@ def update_matches(
     deleted_ids: Iterable[int] = (),
     k: int = MATCHES_K,
     min_score: float = MIN_SCORE,
+    upto: int | None = None,
 ) -> int:
-    """Bring the ``matches`` table up to date after committed writes; returns how many
-    images' lists were rewritten.
+    """Bring the ``matches`` table up to date after committed writes (the change log up
+    to ``upto``, or to its newest entry); returns how many images' lists were rewritten.
 
     New and changed images get their own top-k; older images whose top-k a new one
     enters take it in; lists that named a deleted or changed image are refilled. The
-    ids given are joined by every id the change log names since the last call, so a
+    ids given are joined by every id the change log names since the last update, so a
     change made elsewhere (a move that dropped a row, another process) is caught too.
     Call it after the writes are committed: the searcher reads through its own
     connection. While the table has never been filled, a small collection is filled at
@@ -66,14 +67,16 @@ def update_matches(
             return 0
         return fill(store, k, min_score)
     with _lock_for(store.path):
-        return _update(store, {int(i) for i in (*new_ids, *deleted_ids)}, k, min_score)
+        return _update(store, {int(i) for i in (*new_ids, *deleted_ids)}, k, min_score, upto)
 
 
-def _update(store: Store, changed: set[int], k: int, min_score: float) -> int:
+def _update(store: Store, changed: set[int], k: int, min_score: float, upto: int | None = None) -> int:
     db = store.db
     done = int(store.get_meta("matches_seq"))
-    upto = last_change(db.conn)
-    changed.update(r[0] for r in db.execute("select image_id from vector_changes not indexed where seq > ?", [done]))
+    upto = last_change(db.conn) if upto is None else upto
+    changed.update(
+        r[0] for r in db.execute("select image_id from vector_changes not indexed where seq > ? and seq <= ?", [done, upto])
+    )
     if not changed:
         return 0
     ids = json.dumps(sorted(changed))
@@ -84,10 +87,11 @@ def _update(store: Store, changed: set[int], k: int, min_score: float) -> int:
     searcher = open_index(store.path)
     lists: dict[int, list[tuple[int, float]]] = {}
     reach: dict[int, list[tuple[int, float]]] = {}
+    found_for = searcher.similar_many(sorted(changed), max(k, REVERSE_REACH), min_score)
+    found_for.update(searcher.similar_many(sorted(listing - changed), k, min_score))
     for image_id in sorted(changed | listing):
-        try:
-            found = searcher.similar(image_id, max(k, REVERSE_REACH) if image_id in changed else k, min_score)
-        except KeyError:  # deleted: its own list goes
+        found = found_for.get(image_id)
+        if found is None:  # deleted: its own list goes
             continue
         lists[image_id] = found[:k]
         if image_id in changed:

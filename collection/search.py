@@ -20,6 +20,9 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +37,10 @@ from .store import decode
 MAX_K = 100
 MATCHES_K = 10
 MIN_SCORE = 0.0
+# Neighbours the upkeep after a batch asks for per new or changed image: matches' reverse
+# reach (matches.py) and duplicates' first look (duplicates.py) ask this many, so that
+# one remembered search (REMEMBERED) serves both.
+NEIGHBOURHOOD = 100
 # Candidates Annoy looks at per segment and query, at the least ... (bench/similar.py:
 # a query asks every segment, so small ones must be cheap)
 SEARCH_K = 1000
@@ -175,6 +182,7 @@ class State:
 # duplicates and the map each ask about the same new images (bench/scale.py at 1M: three
 # searches per image, 70 % of the upkeep). Entries are a few hundred bytes.
 REMEMBERED = 2048
+SEARCH_THREADS = min(4, os.cpu_count() or 1)  # similar_many's searches at once
 
 
 class Searcher:
@@ -207,9 +215,12 @@ class Searcher:
         # image id -> (State.contents, want, found): see REMEMBERED
         self._remembered: dict[int, tuple[tuple, int, dict[int, float]]] = {}
         self.searches = 0  # searches run (remembered answers not counted): a hook for tests
+        self._pool: ThreadPoolExecutor | None = None  # similar_many's threads, once asked
 
     def close(self) -> None:
         with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
             self._segments, self._state = (), None  # unmapped when no search holds them
             for conn in self._connections:
                 conn.close()
@@ -221,18 +232,31 @@ class Searcher:
         """The ``k`` live images most like ``image_id``, best first, as
         (id, cosine). Raises KeyError when the image is not in the collection (or deleted)."""
         k, image_id = check_k(k), int(image_id)
-        state = self._refresh()
-        found = self._recall(state, image_id, k + 1)
+        found = self._answer(self._refresh(), image_id, k + 1)
         if found is None:
-            vector = self._vector(state, image_id)
-            if vector is None:
-                raise KeyError(image_id)
-            found = self._found(state, vector, k + 1)
-            with self._lock:
-                if len(self._remembered) >= REMEMBERED:
-                    self._remembered.clear()
-                self._remembered[image_id] = (state.contents, k + 1, found)
+            raise KeyError(image_id)
         return _ranked(found, k, min_score, exclude=image_id)
+
+    def similar_many(
+        self, image_ids: Iterable[int], k: int = MATCHES_K, min_score: float = MIN_SCORE
+    ) -> dict[int, list[tuple[int, float]]]:
+        """``similar`` for each of ``image_ids`` (those not in the collection left out),
+        on one state and SEARCH_THREADS at a time: Annoy lets go of the GIL, so the
+        upkeep's searches after a batch take every core the model leaves."""
+        k, ids = check_k(k), [int(i) for i in image_ids]
+        state = self._refresh()
+        if len(ids) > 1:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(SEARCH_THREADS, thread_name_prefix="search")
+            answers = list(self._pool.map(lambda image_id: self._answer(state, image_id, k + 1), ids))
+        else:
+            answers = [self._answer(state, image_id, k + 1) for image_id in ids]
+        return {
+            image_id: _ranked(found, k, min_score, exclude=image_id)
+            for image_id, found in zip(ids, answers)
+            if found is not None
+        }
 
     def similar_to_vector(self, vector, k: int = MATCHES_K, min_score: float = MIN_SCORE) -> list[tuple[int, float]]:
         """The ``k`` live images most like a vector from the database's model."""
@@ -277,6 +301,21 @@ class Searcher:
             "path": str(self.folder),
         }
 
+    @contextmanager
+    def held(self):
+        """Within the block, this thread's queries answer from the state of its first query:
+        commits made meanwhile by other threads wait for the next block. The upkeep after
+        a batch holds one state, so that the answers its steps remember for each new image
+        (REMEMBERED) are not voided by the next batch's commit while it works."""
+        outer = getattr(self._local, "held", False)
+        self._local.held = True
+        try:
+            yield self
+        finally:
+            if not outer:
+                self._local.held = False
+                self._local.state = None
+
     # --- keeping up with the database and the index ---
 
     def _connect(self) -> sqlite3.Connection:
@@ -293,7 +332,16 @@ class Searcher:
         return conn
 
     def _refresh(self) -> State:
-        """The state as of the latest commit, taking in only what changed since the last query."""
+        """The state as of the latest commit, taking in only what changed since the last
+        query; inside ``held``, the state this thread's first query there saw."""
+        if getattr(self._local, "held", False):
+            state = getattr(self._local, "state", None)
+            if state is None:
+                state = self._local.state = self._latest()
+            return state
+        return self._latest()
+
+    def _latest(self) -> State:
         with self._lock:
             if self.closed:
                 raise RuntimeError("the searcher is closed")
@@ -444,6 +492,21 @@ class Searcher:
             [image_id, state.model],
         ).fetchone()
         return decode(row[0]) if row else None
+
+    def _answer(self, state: State, image_id: int, want: int) -> dict[int, float] | None:
+        """The candidates for ``image_id``'s ``want`` nearest, remembered or searched (and
+        then remembered); None when the image is not live."""
+        found = self._recall(state, image_id, want)
+        if found is None:
+            vector = self._vector(state, image_id)
+            if vector is None:
+                return None
+            found = self._found(state, vector, want)
+            with self._lock:
+                if len(self._remembered) >= REMEMBERED:
+                    self._remembered.clear()
+                self._remembered[image_id] = (state.contents, want, found)
+        return found
 
     def _recall(self, state: State, image_id: int, want: int) -> dict[int, float] | None:
         """A remembered answer for ``image_id`` as good as a search for ``want`` now."""

@@ -14,6 +14,13 @@ from .matches import stop_filling, update_matches
 from .search import open_index
 from .store import Store
 
+# The newest entries of the two change logs that the upkeep reads, in one statement (so
+# one snapshot): vector_changes (matches, the index) and duplicate_changes.
+_LOG_ENDS = (
+    "select (select seq from sqlite_sequence where name = 'vector_changes'), "
+    "(select seq from sqlite_sequence where name = 'duplicate_changes')"
+)
+
 
 class Upkeep:
     """Call ``after_batch`` with the ids each batch wrote and ``after_delete`` with the
@@ -38,17 +45,27 @@ class Upkeep:
         self._stopping = stopping or threading.Event()
 
     def after_batch(self, ids: list[int]) -> None:
-        if open_index(self.store.path).streamed:
-            # A large collection from before the index, until its first segment (started
-            # at once) is built: each query would read every vector, so what asks many
-            # waits. The change logs keep what matches and duplicates must catch up
-            # with; the map places these images at its next recompute.
+        searcher = open_index(self.store.path)
+        # Every step searches for the same new images: one state for all of them, so each
+        # image is searched once (see Searcher.held).
+        with searcher.held():
+            if searcher.streamed:
+                # A large collection from before the index, until its first segment (started
+                # at once) is built: each query would read every vector, so what asks many
+                # waits. The change logs keep what matches and duplicates must catch up
+                # with; the map places these images at its next recompute.
+                self.indexer.check()
+                return
+            # What to do is what the change logs name (``ids`` are in them), both read
+            # as of one commit: matches and duplicates then work on the same images,
+            # all in the searcher's held state, whatever the writer (which does not
+            # wait for the upkeep, see ingest.Behind) commits meanwhile; the next call
+            # takes that, and not again what this one did.
+            vectors_upto, duplicates_upto = self.store.db.execute(_LOG_ENDS).fetchone()
+            update_matches(self.store, upto=vectors_upto or 0)
             self.indexer.check()
-            return
-        update_matches(self.store, ids)
-        self.indexer.check()
-        projection.place_new(self.store, ids)
-        duplicates.update(self.store, ids)
+            projection.place_new(self.store, ids)
+            duplicates.update(self.store, upto=duplicates_upto or 0)
         if self.refresh_map:
             projection.refresh_in_background(self.store, self._stopping)
 

@@ -289,30 +289,38 @@ def test_upkeep_behind_leaves_what_upkeep_inline_leaves(tmp_path, small_model, a
     assert _upkept(behind.db) == expected
 
 
-def test_work_behind_sees_its_batch_committed_and_not_the_next(store, small_model, images_dir):
+def test_work_behind_does_not_hold_up_the_writer(store, small_model, images_dir):
+    """The batches after the first commit while the work on it runs; what they wrote
+    gathers and goes in the next call, and add returns once that is done."""
     import threading
 
     from collection.ingest import Behind
 
     paths = [make_image(images_dir / f"{i}.png", seed=i) for i in range(7)]
-    seen, finished = [], []
+    seen, ends, finished = [], [], []
 
     def start():
         own = Store(store.path)  # opened on the thread that uses it
 
+        def count() -> int:
+            return own.db.execute("select count(*) from images").fetchone()[0]
+
         def call(ids):
-            time.sleep(0.05)  # longer than a batch of small images: the next one must wait
-            count = own.db.execute("select count(*) from images").fetchone()[0]
-            seen.append((threading.current_thread() is threading.main_thread(), len(ids), count))
+            seen.append((threading.current_thread() is threading.main_thread(), len(ids), count()))
+            if len(seen) == 1:
+                time.sleep(1.0)  # far longer than the two small batches after it take
+            ends.append(count())
 
         return call, lambda: finished.append(own.close())
 
     behind = Behind(start)
     summary = _add(store, small_model, paths, batch_size=3, on_batch=behind)
-    assert len(seen) == 3  # add returns once the last batch's work is done
+    assert len(ends) == 2  # add returns once the last call is done
     behind.close()
     assert summary.added == 7 and finished == [None]
-    assert seen == [(False, 3, 3), (False, 3, 6), (False, 1, 7)]
+    assert seen[0][:2] == (False, 3) and seen[0][2] >= 3  # its own batch committed
+    assert ends[0] == 7  # the writer went on meanwhile
+    assert seen[1] == (False, 4, 7)  # the two later batches, in one call
 
 
 def test_work_behind_takes_several_batches_at_once(store, small_model, images_dir):
@@ -327,10 +335,11 @@ def test_work_behind_takes_several_batches_at_once(store, small_model, images_di
 
     behind = Behind(start, at_least=5)
     _add(store, small_model, paths, batch_size=3, on_batch=behind)
-    # The first two batches in one call once they were committed. Then nothing was left
-    # to decode (hurry): what had gathered went at once, and each later batch on its own.
-    assert [(len(ids), count) for ids, count in seen] == [(6, 6), (3, 9), (3, 12), (1, 13)]
-    assert sorted(i for ids, _ in seen for i in ids) == [r[0] for r in store.db.execute("select id from images order by id")]
+    # The first two batches in one call once they were committed; each call finds its
+    # ids committed; every id goes once, in order.
+    assert len(seen[0][0]) == 6 and seen[0][1] >= 6
+    assert all(count >= max(ids) for ids, count in seen)
+    assert [i for ids, _ in seen for i in ids] == [r[0] for r in store.db.execute("select id from images order by id")]
     behind.close()
 
 
@@ -351,7 +360,46 @@ def test_an_error_behind_is_raised_by_add(store, small_model, images_dir):
         _add(store, small_model, paths, batch_size=2, on_batch=behind)
     behind.close()
     assert finished == [1]
-    assert store.db["images"].count == 2  # the first batch; the second waited for its work and got the error
+    assert store.db["images"].count == 4  # what was written stays: the writer does not wait for the work
+
+
+def test_upkeep_behind_a_writer_searches_each_new_image_once(store, small_model, images_dir, monkeypatch):
+    """The writer does not wait for the upkeep (ingest.Behind): a batch it commits while
+    a call works is left to the next call, whole; no image is searched twice."""
+    from collection import projection
+    from collection.search import open_index
+    from collection.upkeep import Upkeep
+
+    _add(store, small_model, [make_image(images_dir / f"a{n}.png", seed=n) for n in range(8)])
+    projection.project(store, method="pca")
+    upkeep = Upkeep(store, refresh_map=False)
+    upkeep.after_batch([])
+    searcher = open_index(store.path)
+    ids = _add(store, small_model, [make_image(images_dir / f"b{n}.png", seed=100 + n) for n in range(5)]).ids
+    late_paths = [make_image(images_dir / f"c{n}.png", seed=200 + n) for n in range(4)]
+    late: list[int] = []
+    place_new = projection.place_new
+
+    def commit_meanwhile(on, placing):  # the writer commits its next batch mid-call
+        if not late:
+            writer = Store(store.path)
+            late.extend(_add(writer, small_model, late_paths).ids)
+            writer.close()
+        return place_new(on, placing)
+
+    monkeypatch.setattr(projection, "place_new", commit_meanwhile)
+    searched = searcher.searches
+    upkeep.after_batch(ids)
+    assert late and searcher.searches - searched == len(ids)
+
+    def logged(table: str) -> set[int]:
+        return {r[0] for r in store.db.execute(f"select image_id from {table}")}
+
+    assert set(late) <= logged("duplicate_changes") and not set(ids) & logged("duplicate_changes")
+    assert set(ids) <= logged("matches") and not set(late) & logged("matches")
+    upkeep.after_batch(late)
+    assert searcher.searches - searched == len(ids) + len(late)
+    assert set(ids + late) <= logged("matches") and not set(ids + late) & logged("duplicate_changes")
 
 
 def test_starting_an_add_reads_nothing_per_stored_image(store, counting_model, images_dir):

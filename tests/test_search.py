@@ -314,3 +314,33 @@ def test_upkeep_of_a_large_collection_before_its_first_segment_asks_no_queries(s
     listed = store.db.execute("select count(distinct image_id) from matches").fetchone()[0]
     assert listed == 320
     upkeep.join()
+
+
+def test_held_answers_from_one_state_and_remembers_across_commits(store, db_path):
+    """Inside ``held`` a thread's queries see the state of its first query (a commit
+    meanwhile waits for the block's end), so an image searched there once is not
+    searched again; outside it, the next query takes the commit in."""
+    searcher = open_index(db_path)
+    first = add(store, clustered(40, 60))
+    with searcher.held():
+        before = searcher.similar(first[0], k=5)
+        searches = searcher.searches
+        late = add(store, [store.vector(first[0])])  # the same vector: the nearest there is
+        assert searcher.similar(first[0], k=5) == before
+        assert searcher.searches == searches  # remembered: the state did not change
+        assert late[0] not in dict(searcher.similar_many(first[:3], k=20)[first[0]])
+    assert late[0] in dict(searcher.similar(first[0], k=5))
+
+
+def test_similar_many_answers_as_similar_does(store, db_path):
+    searcher = open_index(db_path)
+    ids = add(store, clustered(41, 400))
+    build(db_path, n_trees=5)
+    ids += add(store, clustered(42, 30))  # a tail beside the segment
+    store.db.execute("update images set deleted_at = '2026-01-01' where id = ?", [ids[5]])
+    asked = ids[:40] + ids[-10:] + [10**9]  # the deleted one and one never stored are left out
+    many = searcher.similar_many(asked, k=7, min_score=0.1)
+    assert set(many) == set(asked) - {ids[5], 10**9}
+    searcher._remembered.clear()
+    for image_id, found in many.items():
+        assert found == searcher.similar(image_id, k=7, min_score=0.1)
