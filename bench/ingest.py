@@ -169,12 +169,8 @@ def openvino_kernels(model) -> list[str]:
 
     from collection import runtimes
 
-    path = runtimes.ir_path(
-        runtimes.cache_dir(), model.model_id, runtimes.weights_digest(model.keras_model), model.precision,
-        runtimes.openvino_version(),
-    )
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(path), "CPU", {"INFERENCE_PRECISION_HINT": runtimes._INFERENCE_PRECISION[model.precision]})
+    compiled = core.compile_model(core.read_model(model.ir_path), "CPU", {"INFERENCE_PRECISION_HINT": runtimes._INFERENCE_PRECISION[model.precision]})
     found = set()
     for op in compiled.get_runtime_model().get_ops():
         kind = op.get_rt_info()["primitiveType"].astype(str)

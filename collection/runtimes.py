@@ -5,16 +5,22 @@ load as always, and for OpenVINO the same traced function that TensorFlow runs
 is converted once with ``openvino.convert_model``. The converted model (OpenVINO
 IR, an .xml beside a .bin) is cached next to the converted-weights cache, under
 a name keyed by model, weights, precision and OpenVINO version, so a later start
-skips the conversion and a new OpenVINO release converts afresh.
+skips the conversion and a new OpenVINO release converts afresh. The weights are
+known by their file's digest (models.Model.weights_key), so a start that finds its
+IR cached never imports TensorFlow: `collection add` of one file took 8 s, mostly
+TensorFlow's import and the Keras build, and takes about 2.
 
-Neither TensorFlow nor OpenVINO is imported here until a model is built.
+Neither TensorFlow nor OpenVINO is imported here until a model is built, and
+TensorFlow not even then when the machine has no GPU device it could use.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import os
 import secrets
+import sys
 import threading
 from pathlib import Path
 from typing import Callable, Sequence
@@ -26,8 +32,11 @@ TENSORFLOW = "tensorflow"
 OPENVINO = "openvino"
 RUNTIMES = (AUTO, TENSORFLOW, OPENVINO)
 
-# Bump when the traced function changes in a way the weights do not show (the input
-# normalisation, the outputs), so that IR converted by older code is not reused.
+# Bump when the converted function changes in a way the weights key does not show: the
+# input normalisation, the outputs, the architecture, or how a checkpoint's weights are
+# converted (efficientnet.py), so that IR converted by older code is not reused. (The
+# key is the weights file's digest, not the loaded weights: a cached IR is found without
+# building the model.)
 IR_FORMAT = 1
 
 # OpenVINO's own name for each precision the collection records.
@@ -61,6 +70,32 @@ def tensorflow_gpus() -> list:
     return tf.config.list_physical_devices("GPU")
 
 
+def gpu_device_present() -> bool:
+    """Whether this machine has a device TensorFlow could run on, looked for without
+    importing TensorFlow (seconds): an NVIDIA (/dev/nvidia0...), ROCm (/dev/kfd) or WSL
+    (/dev/dxg) device on Linux, the tensorflow-metal plugin on macOS; elsewhere, True
+    (TensorFlow is asked)."""
+    if sys.platform.startswith("linux"):
+        dev = Path("/dev")
+        return any(dev.glob("nvidia[0-9]*")) or (dev / "kfd").exists() or (dev / "dxg").exists()
+    if sys.platform == "darwin":
+        return installed("tensorflow-metal") is not None
+    return True
+
+
+def visible_gpus() -> list:
+    """The GPUs TensorFlow sees, importing it only where one may be there."""
+    return tensorflow_gpus() if gpu_device_present() else []
+
+
+def installed(distribution: str) -> str | None:
+    """The installed version of a package, read from its metadata (nothing imported)."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def openvino_version() -> str:
     """The installed OpenVINO's version; RuntimeUnavailable when it does not import."""
     try:
@@ -70,7 +105,7 @@ def openvino_version() -> str:
     return openvino.get_version().split("-")[0]
 
 
-def resolve(requested: str, gpus: Callable[[], list] = tensorflow_gpus) -> tuple[str, str | None]:
+def resolve(requested: str, gpus: Callable[[], list] = visible_gpus) -> tuple[str, str | None]:
     """The runtime to use, and a line to tell the user when it is not the one asked for.
 
     auto: TensorFlow when it sees a GPU, else OpenVINO when it imports, else TensorFlow."""
@@ -100,17 +135,18 @@ def tensorflow_forward(traced) -> Forward:
 
 
 def openvino_forward(
-    traced, model_id: str, weights_digest: str, precision: str, directory: Path, batch_size: int = 16
+    path: Path, traced: Callable[[], object], model_id: str, precision: str, batch_size: int = 16
 ) -> Forward:
-    """The traced function converted to OpenVINO (or read from the cache) and compiled for the CPU.
+    """The cached IR at ``path`` (or ``traced()``, converted and cached there, when it is
+    missing or unreadable) compiled for the CPU.
 
-    Compiled for a static shape: ``batch_size`` split between the streams, each of
-    its requests taking a fixed slice (the last one padded). On 2 cores, batch 16:
-    5.5 core-ms per image against 6.2 with the converted model's dynamic batch.
+    ``traced`` gives the traced function, building the Keras model: called only for a
+    conversion. Compiled for a static shape: ``batch_size`` split between the streams,
+    each of its requests taking a fixed slice (the last one padded). On 2 cores, batch
+    16: 5.5 core-ms per image against 6.2 with the converted model's dynamic batch.
     Raises RuntimeUnavailable with one line when OpenVINO cannot convert or compile it."""
     import openvino as ov
 
-    path = ir_path(directory, model_id, weights_digest, precision, openvino_version())
     core = ov.Core()
     converted = None
     if path.is_file():
@@ -120,7 +156,7 @@ def openvino_forward(
             converted = None  # a corrupt cache entry: convert again and replace it
     if converted is None:
         try:
-            converted = convert(traced)
+            converted = convert(traced())
         except Exception as e:
             raise RuntimeUnavailable(f"OpenVINO could not convert {model_id} ({type(e).__name__}: {e})") from None
         save(converted, path)
@@ -225,9 +261,9 @@ def cache_dir() -> Path:
     return default_cache_dir() / "openvino"
 
 
-def ir_path(directory: Path, model_id: str, weights_digest: str, precision: str, ov_version: str) -> Path:
+def ir_path(directory: Path, model_id: str, weights_key: str, precision: str, ov_version: str) -> Path:
     """The cached IR's .xml: a readable name, and a digest of everything it depends on."""
-    key = f"{model_id}|{weights_digest}|{precision}|{ov_version}|{IR_FORMAT}"
+    key = f"{model_id}|{weights_key}|{precision}|{ov_version}|{IR_FORMAT}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     name = f"{model_id.replace(':', '-')}.{precision}.openvino-{ov_version}.{digest}.xml"
     return Path(directory) / name
@@ -236,7 +272,7 @@ def ir_path(directory: Path, model_id: str, weights_digest: str, precision: str,
 def weights_digest(keras_model) -> str:
     """A hash of the loaded weights, their shapes and order: the identity of what is
     converted, whatever file, checkpoint or seed they came from (about 0.1 s for
-    Inception v3's 95 MB)."""
+    Inception v3's 95 MB). For weights whose file is not known before the build."""
     h = hashlib.sha256()
     # Not the variables' names: Keras numbers them per process, so they vary.
     for w in keras_model.weights:

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -83,6 +86,61 @@ def test_a_corrupt_cache_entry_is_converted_again(ir_cache):
     assert converted == [1, 1] and model.runtime == "openvino"
     assert xml.read_text().startswith("<?xml")
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+# A start in a fresh interpreter: the model loaded as `collection add` loads it, one
+# image embedded, and what was imported on the way.
+_START = """
+import json, sys
+import numpy as np
+from collection import models, runtimes
+runtime = "openvino" if runtimes.gpu_device_present() else "auto"
+model = models.get_model("efficientnet_lite0:random", runtime=runtime).load()
+vectors, _ = model.embed_batch([np.full((224, 224, 3), 90, np.uint8)])
+print(json.dumps({"runtime": model.runtime, "tensorflow": "tensorflow" in sys.modules,
+                  "keras_model": model.keras_model is not None, "vector": vectors[0].tolist()}))
+"""
+
+
+def test_a_start_that_finds_its_conversion_cached_never_imports_tensorflow(tmp_path):
+    env = {**os.environ, "COLLECTION_CACHE": str(tmp_path)}
+
+    def start() -> dict:
+        out = subprocess.run([sys.executable, "-c", _START], env=env, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first, second = start(), start()
+    assert first["runtime"] == second["runtime"] == "openvino"
+    assert first["tensorflow"] and first["keras_model"]  # the first start converts, through Keras
+    assert not second["tensorflow"] and not second["keras_model"]
+    assert np.allclose(first["vector"], second["vector"], atol=1e-6)
+
+
+def test_the_weights_key_is_the_weights_file_and_the_versions_that_load_it(tmp_path):
+    weights = tmp_path / "inception.h5"
+    model = models.InceptionV3(weights=str(weights), runtime="openvino")
+    assert model.weights_key() is None  # no file: the build says what is wrong
+    weights.write_bytes(b"first weights")
+    first = model.weights_key()
+    assert first.startswith("sha256 ") and "tensorflow " in first and "keras " in first
+    assert model.weights_key() == first
+    weights.write_bytes(b"other weights")
+    assert model.weights_key() != first
+    seeded = [models.EfficientNetLite0(weights=models.RANDOM, seed=s).weights_key() for s in (0, 0, 1)]
+    assert seeded[0] == seeded[1] != seeded[2]
+
+
+def test_gpus_are_asked_of_tensorflow_only_where_a_device_is_there(monkeypatch):
+    def tensorflow_gpus():
+        asked.append(1)
+        return ["/physical_device:GPU:0"]
+
+    asked = []
+    monkeypatch.setattr(runtimes, "tensorflow_gpus", tensorflow_gpus)
+    monkeypatch.setattr(runtimes, "gpu_device_present", lambda: False)
+    assert runtimes.visible_gpus() == [] and asked == []
+    monkeypatch.setattr(runtimes, "gpu_device_present", lambda: True)
+    assert runtimes.visible_gpus() == ["/physical_device:GPU:0"] and asked == [1]
 
 
 def test_auto_picks_tensorflow_on_a_gpu_else_openvino():
