@@ -184,6 +184,21 @@ def test_a_model_falls_back_when_conversion_fails(ir_cache, monkeypatch):
     assert model.keras_model.dtype_policy.name == "mixed_bfloat16"  # TensorFlow applies the precision
 
 
+def test_a_short_batch_runs_at_its_own_size_and_agrees_with_a_full_one(ir_cache, monkeypatch):
+    """A search's single image is not padded to a stream's slice (it cost as much as 8)."""
+    monkeypatch.setattr(runtimes.os, "cpu_count", lambda: 2)  # 2 streams of 8 images
+    model = models.get_model("efficientnet_lite0:random", runtime="openvino").load()
+    photos = [np.asarray(Image.fromarray(a).convert("RGB").resize((224, 224))) for a in sample_photos().values()]
+    batch = [photos[i % len(photos)] for i in range(19)]  # two full slices and a short one of 3
+    single, _ = model.embed_batch(batch[:1])
+    assert list(model._infer.partial_request.get_input_tensor(0).shape) == [1, 224, 224, 3]
+    whole, probs = model.embed_batch(batch)
+    assert list(model._infer.partial_request.get_input_tensor(0).shape) == [3, 224, 224, 3]
+    assert whole.shape == (19, 1280) and probs.shape == (19, 1000)
+    assert np.allclose(single[0], whole[0], atol=1e-5)
+    assert np.allclose(whole[16], whole[16 % len(photos)], atol=1e-5)  # the short slice agrees with a full one's
+
+
 def test_openvino_computes_at_the_precision_asked_for(ir_cache):
     """On CPUs with AMX (or avx512_bf16) OpenVINO's own default is bf16: fp32 must stay f32."""
     f32 = models.get_model("efficientnet_lite0:random", runtime="openvino").load()
