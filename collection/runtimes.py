@@ -7,8 +7,8 @@ IR, an .xml beside a .bin) is cached next to the converted-weights cache, under
 a name keyed by model, weights, precision and OpenVINO version, so a later start
 skips the conversion and a new OpenVINO release converts afresh. The weights are
 known by their file's digest (models.Model.weights_key), so a start that finds its
-IR cached never imports TensorFlow: `collection add` of one file took 8 s, mostly
-TensorFlow's import and the Keras build, and takes about 2.
+IR cached never imports TensorFlow: `collection add` of one file took 8.2 s, mostly
+TensorFlow's import and the Keras build, and takes 1.7 (bench/startup.py).
 
 Neither TensorFlow nor OpenVINO is imported here until a model is built, and
 TensorFlow not even then when the machine has no GPU device it could use.
