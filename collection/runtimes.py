@@ -141,10 +141,7 @@ def openvino_forward(
     missing or unreadable) compiled for the CPU.
 
     ``traced`` gives the traced function, building the Keras model: called only for a
-    conversion. Compiled for a static shape: ``batch_size`` split between the streams,
-    each of its requests taking a fixed slice (the last one padded). On 2 cores, batch
-    16: 5.5 core-ms per image against 6.2 with the converted model's dynamic batch.
-    Raises RuntimeUnavailable with one line when OpenVINO cannot convert or compile it."""
+    conversion. Compiled as ``compile_forward`` says. Raises RuntimeUnavailable with one line when OpenVINO cannot convert or compile it."""
     import openvino as ov
 
     core = ov.Core()
@@ -164,7 +161,12 @@ def openvino_forward(
 
 
 def compile_forward(converted, model_id: str, precision: str, batch_size: int = 16) -> Forward:
-    """An OpenVINO model compiled for the CPU at ``precision``, as a forward function."""
+    """An OpenVINO model compiled for the CPU at ``precision``, as a forward function.
+
+    Compiled for a static shape: ``batch_size`` split between the streams, each of its
+    requests taking a fixed slice (a short last slice goes to a second, batch-free
+    compilation). On 2 cores, batch 16: 5.5 core-ms per image against 6.2 with the
+    converted model's dynamic batch."""
     import openvino as ov
 
     core = ov.Core()
