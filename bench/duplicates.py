@@ -161,10 +161,10 @@ def evaluate(model_name: str, folder: Path, labels: dict[str, tuple[str, str]], 
     grouping = []  # seconds of each per-batch duplicates.update, which Upkeep calls
     update = duplicates.update
 
-    def timed(*args):
+    def timed(*args, **kwargs):
         started = time.perf_counter()
         try:
-            return update(*args)
+            return update(*args, **kwargs)
         finally:
             grouping.append(time.perf_counter() - started)
 

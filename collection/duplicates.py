@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from .background import Jobs
 from .search import NEIGHBOURHOOD
@@ -115,22 +115,45 @@ def thresholds(model: str | None) -> dict[str, float]:
 
 
 def layout(jpeg: bytes | None) -> np.ndarray | None:
-    """A thumbnail's fine structure in each of LAYOUT_WINDOWS: one unit row per window."""
+    """A thumbnail's fine structure in each of LAYOUT_WINDOWS: one unit row per window.
+
+    The grey image is the JPEG's own luma, decoded without its colour (``draft``), and
+    the windows are box-reduced straight from it and blurred together in numpy: 0.64
+    ms a thumbnail against 0.9 for a colour decode, a crop per window and Pillow's blur
+    per window (bench/ingest.py's corpus; the layouts agree to 0.998 in cosine)."""
     if jpeg is None:
         return None
     try:
-        image = Image.open(io.BytesIO(jpeg)).convert("L")
+        image = Image.open(io.BytesIO(jpeg))
+        image.draft("L", image.size)
+        image = image.convert("L")
     except OSError:
         return None
     w, h = image.size
-    rows = []
-    for left, top, right, bottom in LAYOUT_WINDOWS:
-        window = image.crop((round(left * w), round(top * h), round(right * w), round(bottom * h)))
-        small = window.resize((LAYOUT_SIDE, LAYOUT_SIDE), Image.Resampling.BOX)
-        detail = np.asarray(small, np.float64) - np.asarray(small.filter(ImageFilter.BoxBlur(LAYOUT_BLUR)), np.float64)
-        detail = detail.ravel() - detail.mean()
-        rows.append(detail / max(float(np.linalg.norm(detail)), 1e-9))
-    return np.stack(rows)
+    windows = np.stack([
+        np.asarray(image.resize(
+            (LAYOUT_SIDE, LAYOUT_SIDE), Image.Resampling.BOX,
+            box=(round(left * w), round(top * h), round(right * w), round(bottom * h)),
+        ), np.float64)
+        for left, top, right, bottom in LAYOUT_WINDOWS
+    ])
+    detail = (windows - _box_blur(windows, LAYOUT_BLUR)).reshape(len(windows), -1)
+    detail -= detail.mean(axis=1, keepdims=True)
+    return detail / np.maximum(np.linalg.norm(detail, axis=1, keepdims=True), 1e-9)
+
+
+def _box_blur(windows: np.ndarray, radius: int) -> np.ndarray:
+    """Each pixel the mean of the (2 radius + 1)^2 box around it, edges extended
+    (Pillow's BoxBlur, without its rounding to whole levels), for a stack of images:
+    a running sum down the columns, then along the rows."""
+    side = 2 * radius + 1
+    out = np.pad(windows, ((0, 0), (radius, radius), (radius, radius)), mode="edge")
+    for axis in (1, 2):
+        sums = np.cumsum(out, axis=axis)
+        sums = np.concatenate([np.zeros_like(np.take(sums, [0], axis=axis)), sums], axis=axis)
+        n = sums.shape[axis]
+        out = np.take(sums, range(side, n), axis=axis) - np.take(sums, range(0, n - side), axis=axis)
+    return out / side**2
 
 
 class LayoutCache:
