@@ -124,6 +124,34 @@ def test_truncated_jpeg_is_refused(tmp_path):
         images.decode(tmp_path / "cut.jpg")
 
 
+@pytest.mark.parametrize("ext", ["jpg", "webp"])
+def test_the_decoder_gets_a_file_in_one_call(tmp_path, ext, monkeypatch):
+    """Each call into Pillow's decoder gives up the GIL and must win it back (up to
+    5 ms while another thread runs Python): a file held in memory goes in one call,
+    not in 64 kB pieces (a WebP's decoded frame is read back as raw pieces too)."""
+    path = tmp_path / f"noisy.{ext}"
+    noise = np.random.default_rng(0).integers(0, 256, (600, 800, 3), np.uint8)
+    Image.fromarray(noise).save(path, quality=90)
+    assert path.stat().st_size > 3 * 65536  # several of Pillow's default pieces
+    calls = []
+    getdecoder = Image._getdecoder
+
+    class Counted:
+        def __init__(self, decoder):
+            self.decoder = decoder
+
+        def __getattr__(self, name):
+            return getattr(self.decoder, name)
+
+        def decode(self, data):
+            calls.append(len(data))
+            return self.decoder.decode(data)
+
+    monkeypatch.setattr(Image, "_getdecoder", lambda *args: Counted(getdecoder(*args)))
+    decoded = images.decode(path)
+    assert decoded.image.size == (800, 600)
+    assert len(calls) == 1
+
 def _png_claiming(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims a huge size: the classic decompression bomb."""
     out = io.BytesIO()
