@@ -371,6 +371,20 @@ def combine(runs: list[dict]) -> dict:
     return out
 
 
+def per_round(runs: dict[tuple, list[dict]], runtime: str, precision: str) -> dict[str, list[float]]:
+    """``add`` over the bound, and over the bound with the upkeep, in each round from
+    that round's own decode, ceiling and add, run one after the other: the machine's
+    speed drifts between rounds (shared cores), and a ratio of medians taken from
+    different rounds mixes fast and slow moments."""
+    out: dict[str, list[float]] = {"bound": [], "bound+upkeep": []}
+    rounds = zip(runs[("decode",)], runs[("ceiling", runtime, precision)], runs[("add", runtime, precision)])
+    for decode, ceiling, add in rounds:
+        work = ceiling["model_core_ms"] + decode["decode_core_ms"]
+        out["bound"].append(add["rate"] * work / (1000 * CORES))
+        out["bound+upkeep"].append(add["rate"] * (work + add["upkeep_core_ms"]) / (1000 * CORES))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=200, help="files in the corpus")
@@ -434,10 +448,14 @@ def main() -> None:
                 int8 = measure("int8", name, corpus, "openvino", "int8")
             else:
                 print("  int8 skipped: NNCF is not installed (pip install nncf)")
-        rows.append((name, loop, agreement, {key: combine(r) for key, r in runs.items()}, int8))
+        combined = {key: combine(r) for key, r in runs.items()}
+        for runtime, precision in configs:
+            combined[("add", runtime, precision)]["per_round"] = per_round(runs, runtime, precision)
+        rows.append((name, loop, agreement, combined, int8))
 
     print(f"\nMedians of {args.rounds} rounds, configurations alternating (the machine is shared: figures are noisy).")
     print("bound: cores / (model core-ms + decode core-ms) per image, from the same run (the issue's definition).")
+    print("add / bound: from the medians; below the table, each round's own ratio (its decode, ceiling and add) and their median.")
     print("bound+upkeep: cores / (model + decode + upkeep core-ms): upkeep is matches, duplicates and the index after each")
     print("batch (its thread's CPU time in `add`), work `add` must also do. vs TF: against TensorFlow at the same precision;")
     print("core-ms vs TF: TensorFlow's model core-ms over this one's (the ceiling's speed-up with both cores busy on it alone).")
@@ -483,6 +501,13 @@ def main() -> None:
             )
         if loop:
             print(f"| {name} | 2017 loop (batch 1, two passes) | fp32 | | | | | | | | | | {loop['rate']:.2f} | | | | | | | | | {loop['peak_rss_mb']:.0f} |")
+    print()
+    for name, _, _, results, _ in rows:
+        for runtime, precision in configs:
+            ratios = results[("add", runtime, precision)]["per_round"]
+            print(f"{name} {runtime} {precision}, per round: add / bound " + " ".join(f"{r:.2f}" for r in ratios["bound"])
+                  + f" (median {np.median(ratios['bound']):.2f}); add / bound+upkeep "
+                  + " ".join(f"{r:.2f}" for r in ratios["bound+upkeep"]) + f" (median {np.median(ratios['bound+upkeep']):.2f})")
     for name, _, _, results, _ in rows:
         for runtime, precision in configs:
             kernels = results[("ceiling", runtime, precision)].get("kernels")
