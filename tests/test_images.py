@@ -152,6 +152,7 @@ def test_the_decoder_gets_a_file_in_one_call(tmp_path, ext, monkeypatch):
     assert decoded.image.size == (800, 600)
     assert len(calls) == 1
 
+
 def _png_claiming(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims a huge size: the classic decompression bomb."""
     out = io.BytesIO()
