@@ -204,8 +204,10 @@ def run_decode(name: str, files: list[Path]) -> dict:
 def run_add(name: str, runtime: str, precision: str, files: list[Path], batch_size: int | None) -> dict:
     """`collection add` end to end: decode + model + SQLite + matches, into a new database."""
     from collection.ingest import Ingester, upkeep_behind
+    from collection.search import one_blas_thread
     from collection.store import Store
 
+    one_blas_thread()  # as `collection add` does: numpy's BLAS on one thread for the upkeep
     model = make_model(name, runtime, precision)
     model.embed_batch([np.zeros((model.input_size,) * 2 + (3,), np.uint8)] * (batch_size or model.batch_size))
     with tempfile.TemporaryDirectory() as tmp:

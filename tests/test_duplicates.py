@@ -615,6 +615,38 @@ def test_layout_cache_gives_layout_and_holds_at_most_its_entries():
         first[4][0, 0] = 1.0  # shared between passes: read-only
 
 
+@pytest.mark.parametrize("size", [(256, 256), (256, 170), (171, 256), (40, 30), (20, 13), (256, 1), (1, 1)])
+def test_layout_windows_are_pillows_box_reduction(size):
+    """The products that reduce each window are Pillow's BOX resize of the same box
+    (within the one level Pillow's two 8-bit passes round off), whatever the shape,
+    edge cases and enlarging included."""
+    from PIL import Image
+
+    w, h = size
+    grey = np.random.default_rng(w * 1000 + h).integers(0, 256, (h, w), dtype=np.uint8)
+    rows, columns = duplicates._window_weights(w, h)
+    ours = rows @ grey.astype(np.float32) @ columns
+    pillows = np.stack([
+        np.asarray(Image.fromarray(grey).resize(
+            (duplicates.LAYOUT_SIDE,) * 2, Image.Resampling.BOX,
+            box=(round(left * w), round(top * h), round(right * w), round(bottom * h)),
+        ), np.float32)
+        for left, top, right, bottom in duplicates.LAYOUT_WINDOWS
+    ])
+    assert np.abs(ours - pillows).max() <= 1.0
+
+
+def test_layout_blur_is_the_box_around_each_pixel():
+    side, radius = duplicates.LAYOUT_SIDE, duplicates.LAYOUT_BLUR
+    image = np.random.default_rng(0).random((side, side))
+    blur = duplicates._blur_matrix(side, radius)
+    padded = np.pad(image, radius, mode="edge")
+    expected = np.array([
+        [padded[y : y + 2 * radius + 1, x : x + 2 * radius + 1].mean() for x in range(side)] for y in range(side)
+    ])
+    assert np.allclose(blur @ image @ blur.T, expected)
+
+
 def test_upkeep_works_out_each_thumbnail_layout_once(photos, monkeypatch):
     """The layouts of the representatives a later batch is checked against come from the
     cache kept across passes, not from decoding their thumbnails again; the groups are
