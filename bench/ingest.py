@@ -221,17 +221,18 @@ def run_add(name: str, runtime: str, precision: str, files: list[Path], batch_si
 
         after_batch.wait, after_batch.drain, after_batch.hurry = upkeep.wait, upkeep.drain, upkeep.hurry
         ingester = Ingester(store, model, batch_size=batch_size, on_batch=after_batch)
-        start, cpu = time.perf_counter(), time.process_time()
+        start, cpu, machine = time.perf_counter(), time.process_time(), cpu_times()
         summary = ingester.add([str(p) for p in files])
         upkeep.close()
         elapsed = time.perf_counter() - start
+        steal = steal_share(machine, cpu_times())
         core_ms = 1000 * (time.process_time() - cpu) / len(files)
         assert summary.added == len(files), summary.line()
     shares = {k: v / elapsed for k, v in summary.seconds.items()}
     # Flat memory: resident size at the end against after the first quarter of the batches.
     growth = rss[-1] - rss[len(rss) // 4]
     return {"rate": len(files) / elapsed, "add_core_ms": core_ms, "upkeep_core_ms": 1000 * upkeep.core_seconds / len(files),
-            "shares": shares, "rss_growth_mb": growth, "workers": ingester.workers}
+            "shares": shares, "rss_growth_mb": growth, "workers": ingester.workers, "steal": steal}
 
 
 def run_agreement(name: str, files: list[Path], configs: list[tuple[str, str]]) -> dict:
@@ -302,6 +303,24 @@ def neighbours(vectors: np.ndarray, k: int) -> np.ndarray:
     scores = vectors @ vectors.T
     np.fill_diagonal(scores, -np.inf)
     return np.argsort(-scores, axis=1)[:, :k]
+
+
+def cpu_times() -> list[int] | None:
+    """The machine's CPU time by kind (/proc/stat: user, nice, system, idle, iowait,
+    irq, softirq, steal), None where there is no /proc."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:9]]
+    except OSError:
+        return None
+
+
+def steal_share(before: list[int] | None, after: list[int] | None) -> float | None:
+    """The share of the machine's CPU time that its host gave to other guests (steal)."""
+    if before is None or after is None:
+        return None
+    spent = [b - a for a, b in zip(before, after)]
+    return spent[7] / max(sum(spent), 1)
 
 
 def current_rss_mb() -> float:
@@ -378,12 +397,13 @@ def per_round(runs: dict[tuple, list[dict]], runtime: str, precision: str) -> di
     that round's own decode, ceiling and add, run one after the other: the machine's
     speed drifts between rounds (shared cores), and a ratio of medians taken from
     different rounds mixes fast and slow moments."""
-    out: dict[str, list[float]] = {"bound": [], "bound+upkeep": []}
+    out: dict[str, list] = {"bound": [], "bound+upkeep": [], "steal": []}
     rounds = zip(runs[("decode",)], runs[("ceiling", runtime, precision)], runs[("add", runtime, precision)])
     for decode, ceiling, add in rounds:
         work = ceiling["model_core_ms"] + decode["decode_core_ms"]
         out["bound"].append(add["rate"] * work / (1000 * CORES))
         out["bound+upkeep"].append(add["rate"] * (work + add["upkeep_core_ms"]) / (1000 * CORES))
+        out["steal"].append(add.get("steal"))
     return out
 
 
@@ -510,6 +530,9 @@ def main() -> None:
             print(f"{name} {runtime} {precision}, per round: add / bound " + " ".join(f"{r:.2f}" for r in ratios["bound"])
                   + f" (median {np.median(ratios['bound']):.2f}); add / bound+upkeep "
                   + " ".join(f"{r:.2f}" for r in ratios["bound+upkeep"]) + f" (median {np.median(ratios['bound+upkeep']):.2f})")
+            if None not in ratios["steal"]:
+                print("  steal (the host's share of this machine's CPU time while `add` ran), per round: "
+                      + " ".join(f"{100 * r:.1f} %" for r in ratios["steal"]))
     for name, _, _, results, _ in rows:
         for runtime, precision in configs:
             kernels = results[("ceiling", runtime, precision)].get("kernels")

@@ -159,10 +159,12 @@ def decode_workers(model: Model) -> int:
     return max(1, cores // 4)
 
 
-# Batches decoded ahead of the one the model takes next. Two: the decoding threads keep
-# busy while the calling thread waits for the model, for the upkeep in flight or writes,
-# instead of running dry at the end of the one batch ahead (a decoded image is ~0.2 MB).
-DECODE_AHEAD = 2
+# Batches decoded ahead of the one the model takes next. The decoding threads keep busy
+# while the calling thread waits for the model, for the upkeep in flight or writes,
+# instead of running dry: on 2 cores with OpenVINO, 4 ahead gave `add` a higher share of
+# the bound than 2 in 13 rounds of 18 (bench/ingest.py's corpus, both in one process,
+# in turn). A decoded image waiting is ~0.2 MB: 13 MB for 4 batches of 16.
+DECODE_AHEAD = 4
 
 
 class KnownContent:

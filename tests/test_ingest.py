@@ -196,7 +196,10 @@ class _SlowModel:
 
 
 def test_the_next_batches_are_decoded_while_the_model_runs(store, small_model, images_dir):
-    paths = [make_image(images_dir / f"{i}.png", seed=i) for i in range(10)]
+    from collection.ingest import DECODE_AHEAD
+
+    count = 2 * (DECODE_AHEAD + 3)
+    paths = [make_image(images_dir / f"{i}.png", seed=i) for i in range(count)]
     reads: list[str] = []
 
     class Recording(Ingester):
@@ -207,10 +210,10 @@ def test_the_next_batches_are_decoded_while_the_model_runs(store, small_model, i
 
     model = _SlowModel(small_model, reads)
     summary = Recording(store, model, batch_size=2, workers=1).add([str(p) for p in paths])
-    assert summary.added == 10 and summary.batches == [2, 2, 2, 2, 2]
-    # while batch 1 was in the model, batches 2 and 3 were decoded (DECODE_AHEAD), then
-    # batch 4 during batch 2 and batch 5 during batch 3: two ahead, never more
-    assert model.decoded_at_end == [6, 8, 10, 10, 10]
+    assert summary.added == count and summary.batches == [2] * (count // 2)
+    # while batch 1 was in the model, the DECODE_AHEAD batches after it were decoded
+    # too, then one more during each later batch: that many ahead, never more
+    assert model.decoded_at_end == [min(2 * (k + DECODE_AHEAD), count) for k in range(1, count // 2 + 1)]
 
 
 def test_summary_says_where_the_time_went(store, small_model, images_dir):
