@@ -327,9 +327,11 @@ def test_work_behind_does_not_hold_up_the_writer(store, small_model, images_dir)
 
 
 def test_work_behind_takes_several_batches_at_once(store, small_model, images_dir):
-    from collection.ingest import Behind
+    from collection.ingest import DECODE_AHEAD, Behind
 
-    paths = [make_image(images_dir / f"{i}.png", seed=i) for i in range(13)]
+    # enough batches of 3 that the last are still decoding (then ids go at once) only
+    # after the first two were committed
+    paths = [make_image(images_dir / f"{i}.png", seed=i) for i in range(3 * (DECODE_AHEAD + 3) - 2)]
     seen = []
 
     def start():
