@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from collection import duplicates  # noqa: E402
 from collection.ingest import Ingester  # noqa: E402
 from collection.models import get_model  # noqa: E402
+from collection.search import one_blas_thread  # noqa: E402
 from collection.store import Store  # noqa: E402
 from collection.upkeep import Upkeep  # noqa: E402
 from machine import cpu_flags  # noqa: E402  (bench/machine.py, beside this script)
@@ -246,6 +247,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="efficientnet_lite0,inception_v3:random")
     args = parser.parse_args()
+    one_blas_thread()  # as `collection add` and the watcher run the upkeep
     flags = cpu_flags()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "set"
