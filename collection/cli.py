@@ -578,7 +578,9 @@ def index_command(db_path, trees):
     up to date (filling it, if it never was, in the foreground)."""
     from .index import N_TREES, build
     from .matches import fill, update_matches
+    from .search import one_blas_thread
 
+    one_blas_thread()  # as in `add`: filling matches is many small products
     store = open_store(db_path, create=False)
     result = build(db_path, n_trees=trees or N_TREES, full=True)
     if result["built"]:
@@ -613,7 +615,9 @@ def duplicates(db_path, tier, as_json, as_csv):
     import sys
 
     from . import duplicates as dups
+    from .search import one_blas_thread
 
+    one_blas_thread()  # as in `add`: a regrouping's searches and layouts are small products
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
     store = open_store(db_path, create=False)
