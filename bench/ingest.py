@@ -392,11 +392,12 @@ def combine(runs: list[dict]) -> dict:
     return out
 
 
-def per_round(runs: dict[tuple, list[dict]], runtime: str, precision: str) -> dict[str, list[float]]:
+def per_round(runs: dict[tuple, list[dict]], runtime: str, precision: str) -> dict[str, list]:
     """``add`` over the bound, and over the bound with the upkeep, in each round from
     that round's own decode, ceiling and add, run one after the other: the machine's
     speed drifts between rounds (shared cores), and a ratio of medians taken from
-    different rounds mixes fast and slow moments."""
+    different rounds mixes fast and slow moments. With each round's steal share while
+    `add` ran (None where there is no /proc)."""
     out: dict[str, list] = {"bound": [], "bound+upkeep": [], "steal": []}
     rounds = zip(runs[("decode",)], runs[("ceiling", runtime, precision)], runs[("add", runtime, precision)])
     for decode, ceiling, add in rounds:

@@ -141,7 +141,8 @@ def openvino_forward(
     missing or unreadable) compiled for the CPU.
 
     ``traced`` gives the traced function, building the Keras model: called only for a
-    conversion. Compiled as ``compile_forward`` says. Raises RuntimeUnavailable with one line when OpenVINO cannot convert or compile it."""
+    conversion. Compiled as ``compile_forward`` says. Raises RuntimeUnavailable with one
+    line when OpenVINO cannot convert or compile it."""
     import openvino as ov
 
     core = ov.Core()
