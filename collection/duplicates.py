@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from . import images
 from .background import Jobs
 from .search import NEIGHBOURHOOD
 from .store import Store, decode, now
@@ -133,7 +134,10 @@ def layout(jpeg: bytes | None) -> np.ndarray | None:
         image = image.convert("L")
     except OSError:
         return None
-    rows, columns = _window_weights(*image.size)
+    # Weights are kept for thumbnail sizes only: a larger image (an imported or crafted
+    # row) gets its own, so the cache stays within 64 x 0.3 MB whatever the table holds.
+    weights = _window_weights if max(image.size) <= images.THUMBNAIL_SIDE else _window_weights.__wrapped__
+    rows, columns = weights(*image.size)
     windows = (rows @ np.asarray(image, np.float32) @ columns).astype(np.float64)
     blur = _blur_matrix(LAYOUT_SIDE, LAYOUT_BLUR)
     detail = (windows - blur @ windows @ blur.T).reshape(len(windows), -1)
@@ -141,7 +145,7 @@ def layout(jpeg: bytes | None) -> np.ndarray | None:
     return detail / np.maximum(np.linalg.norm(detail, axis=1, keepdims=True), 1e-9)
 
 
-@functools.lru_cache(maxsize=64)  # thumbnails come in few sizes; 20 MB at most
+@functools.lru_cache(maxsize=64)  # thumbnails come in few sizes: 19 MB at most
 def _window_weights(width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
     """For an image of this size, ``rows @ image @ columns`` is each of LAYOUT_WINDOWS
     box-reduced to LAYOUT_SIDE x LAYOUT_SIDE: shapes (windows, side, height) and

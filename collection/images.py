@@ -213,7 +213,10 @@ def min_side_for(size: int, crop: float) -> int:
     return math.ceil(size / crop)
 
 
-def thumbnail(image: Image.Image, max_side: int = 256, quality: int = 80) -> bytes:
+THUMBNAIL_SIDE = 256  # the longest side of the thumbnails stored for the browser
+
+
+def thumbnail(image: Image.Image, max_side: int = THUMBNAIL_SIDE, quality: int = 80) -> bytes:
     """A small JPEG of an RGB image, for the browser."""
     w, h = image.size
     scale = min(1.0, max_side / max(w, h))

@@ -663,3 +663,16 @@ def test_upkeep_works_out_each_thumbnail_layout_once(photos, monkeypatch):
         assert rows(store) == before
     assert worked_out and len(worked_out) == len(set(worked_out))
     store.close()
+
+
+def test_layout_keeps_weights_for_thumbnail_sizes_only():
+    """A row whose "thumbnail" is larger than any the project writes (an imported or
+    crafted one) gets its layout without growing the weights cache."""
+    from PIL import Image
+
+    duplicates._window_weights.cache_clear()
+    for size in ((256, 171), (1000, 40)):
+        out = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, size[::-1], np.uint8)).save(out, "JPEG")
+        assert duplicates.layout(out.getvalue()).shape == (len(duplicates.LAYOUT_WINDOWS), duplicates.LAYOUT_SIDE**2)
+    assert duplicates._window_weights.cache_info().currsize == 1
