@@ -27,6 +27,7 @@ REVERSE_REACH = NEIGHBOURHOOD
 # A table this small (in live images) is filled at once: it costs about one batch.
 FILL_AT_ONCE = 2000
 FILL_CHUNK = 500  # images per transaction of a background fill
+READ_LISTS = 1000  # older lists read at once while new images enter them: 10,000 rows at most
 
 log = logging.getLogger(__name__)
 _locks: dict[str, threading.Lock] = {}  # one writer of a database's matches per process
@@ -108,7 +109,12 @@ def _update(store: Store, changed: set[int], k: int, min_score: float, upto: int
             for other, score in found:
                 if other not in lists:
                     entering.setdefault(other, []).append((new_id, score))
-        merged = {other for other, candidates in entering.items() if _take_in(db, other, candidates, k)}
+        merged = set()
+        older = sorted(entering)
+        for start in range(0, len(older), READ_LISTS):  # up to 100 lists per new image: in chunks
+            chunk = older[start : start + READ_LISTS]
+            stored = _read_lists(db, chunk)
+            merged.update(other for other in chunk if _take_in(db, other, stored.get(other, []), entering[other], k))
         _finish(store, upto)
     return len(lists) + len(merged)
 
@@ -177,30 +183,42 @@ def wait_for_fill(db_path: str | Path, timeout: float | None = None) -> None:
     _fillers.wait(db_path, timeout)
 
 
-def _write_list(db, image_id: int, found: list[tuple[int, float]]) -> None:
+def _write_list(db, image_id: int, found: list[tuple[int, float]], first_rank: int = 1) -> None:
+    """Insert ``found`` as the image's list from ``first_rank`` down."""
     db.conn.executemany(
         "insert into matches (image_id, match_id, rank, score) values (?, ?, ?, ?)",
-        [(image_id, match_id, rank, score) for rank, (match_id, score) in enumerate(found, start=1)],
+        [(image_id, match_id, rank, score) for rank, (match_id, score) in enumerate(found, start=first_rank)],
     )
 
 
-def _take_in(db, image_id: int, candidates: list[tuple[int, float]], k: int) -> bool:
-    """Put each (new_id, score) into ``image_id``'s list in turn if it ranks within the
-    top k there; write the list if any did."""
-    current = [tuple(row) for row in db.execute(
-        "select match_id, score from matches where image_id = ? order by rank", [image_id]
-    )]
-    entered = False
+def _read_lists(db, image_ids: list[int]) -> dict[int, list[tuple[int, float]]]:
+    """The stored lists of these images, (match_id, score) by rank, in one statement."""
+    lists: dict[int, list[tuple[int, float]]] = {}
+    for image_id, match_id, score in db.execute(
+        "select image_id, match_id, score from matches where image_id in (select value from json_each(?)) "
+        "order by image_id, rank",
+        [json.dumps(image_ids)],
+    ):
+        lists.setdefault(image_id, []).append((match_id, score))
+    return lists
+
+
+def _take_in(db, image_id: int, stored: list[tuple[int, float]], candidates: list[tuple[int, float]], k: int) -> bool:
+    """Put each (new_id, score) into ``image_id``'s ``stored`` list in turn if it ranks
+    within the top k there; if any did, rewrite the list from the first rank that changed
+    (the ranks above it keep their rows)."""
+    current = stored
     for new_id, score in candidates:
         others = [(match_id, s) for match_id, s in current if match_id != new_id]
         if len(others) >= k and (-score, new_id) > (-others[-1][1], others[-1][0]):
             continue
         current = sorted([*others, (new_id, score)], key=lambda pair: (-pair[1], pair[0]))[:k]
-        entered = True
-    if entered:
-        db.execute("delete from matches where image_id = ?", [image_id])
-        _write_list(db, image_id, current)
-    return entered
+    if current is stored:
+        return False
+    same = next((i for i, (a, b) in enumerate(zip(stored, current)) if a != b), min(len(stored), len(current)))
+    db.execute("delete from matches where image_id = ? and rank > ?", [image_id, same])
+    _write_list(db, image_id, current[same:], first_rank=same + 1)
+    return True
 
 
 def _finish(store: Store, upto: int) -> None:

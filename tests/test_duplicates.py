@@ -181,6 +181,26 @@ def test_work_per_batch_is_the_batch(vstore):
     assert 2 <= duplicates.update(vstore, [many[7]]) <= 2 * len(members) + 2 < 30
 
 
+def test_a_pass_reads_each_images_candidates_in_one_statement(vstore):
+    """An image's search finds many candidates; their vectors and table rows are read in
+    one statement each, not one per candidate (the upkeep runs after every batch)."""
+    crowd = [put(vstore, f"{i}.jpg", angled(i * 0.5)) for i in range(40)]  # all within NEAR of each other
+    duplicates.update(vstore, crowd)
+    statements = []
+    vstore.db.conn.set_trace_callback(statements.append)
+    try:
+        batch = [put(vstore, f"late-{i}.jpg", angled(i * 0.5 + 0.25)) for i in range(3)]
+        decided = duplicates.update(vstore, batch)
+    finally:
+        vstore.db.conn.set_trace_callback(None)
+    vector_reads = [s for s in statements if "from vectors" in s]
+    group_reads = [s for s in statements if s.startswith("select tier, image_id, group_id from duplicate_groups")]
+    assert decided >= len(batch)
+    assert 0 < len(vector_reads) <= 2 * decided + 2 < 40  # not one per candidate
+    assert 0 < len(group_reads) <= decided + 2
+    assert any(len(g) > 1 for g in grouped(vstore, "near"))
+
+
 def test_decisions_survive_regrouping(vstore):
     a = put(vstore, "a.jpg", angled(0), size=(100, 80))
     b = put(vstore, "b.jpg", angled(2), size=(200, 160))

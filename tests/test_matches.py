@@ -92,3 +92,40 @@ def test_upkeep_join_stops_a_background_fill_after_its_chunk(store, db_path, mon
     upkeep.join()  # waits for the chunk in hand, not the whole fill
     assert store.get_meta("matches_seq") is None and store.get_meta("matches_fill") is not None
     assert len(stored_matches(store)) == 20  # two whole chunks; the rest resumes next time
+
+
+def test_an_entered_list_keeps_the_rows_above_its_new_entries(store, db_path, monkeypatch):
+    """Older lists are read a chunk at a time and rewritten only from the first rank
+    that changed: the rows above it are the same rows (same rowid), and the table ends
+    as a fresh computation would leave it."""
+    monkeypatch.setattr(matches, "READ_LISTS", 7)  # several chunks even for a small batch
+    vectors = clustered(58, 320, d=16, clusters=15)
+    ids = add(store, vectors[:300])
+    update_matches(store, ids)
+    build(db_path, n_trees=5)
+
+    def rows():
+        return {
+            (image_id, rank): (rowid, match_id)
+            for rowid, image_id, rank, match_id in store.db.execute("select rowid, image_id, rank, match_id from matches")
+        }
+
+    before = rows()
+    batch = add(store, vectors[300:])  # from the same clusters: they enter older lists
+    update_matches(store, batch)
+    after = rows()
+    assert_matches_current(store)
+    entered = {image_id for (image_id, rank), (_, match_id) in after.items() if image_id in ids and match_id in batch}
+    assert len(entered) > 7  # more lists than one chunk took new images in
+    kept = rewritten = 0
+    for image_id in entered:
+        first_new = min(rank for (i, rank), (_, match_id) in after.items() if i == image_id and match_id in batch)
+        for (i, rank), (rowid, match_id) in after.items():
+            if i != image_id:
+                continue
+            if rank < first_new:
+                assert (rowid, match_id) == before[(i, rank)]  # untouched
+                kept += 1
+            else:
+                rewritten += 1
+    assert kept > 0 and rewritten > 0
