@@ -181,12 +181,11 @@ def openvino_kernels(model) -> list[str]:
 def run_decode(name: str, files: list[Path]) -> dict:
     """What `add`'s decoding threads do per file (read, hash, decode at reduced size, fit
     to the model, thumbnail): core-ms per image with every core decoding, as in `add`,
-    where both cores are always busy; and on one thread, the other core idle, as
-    measured before session 10. On this machine class one thread alone costs about 6 %
-    fewer core-ms (10 rounds side by side, median) than every core at once: a core's
-    speed depends on what the others do, so the bound counts decoding at the speed it
-    has when every core works. By format, from the all-cores run (each file's own
-    thread's CPU time)."""
+    where every core is busy, like the ceiling's; and on one thread with the other
+    cores idle, as measured before session 10 (printed beside it). A core's speed can
+    depend on what the others do: on the 2-core Xeon of session 10, every core cost
+    1.03x one thread's core-ms (median of 6 runs, 0.98-1.12x). By format, from the
+    all-cores run (each file's own thread's CPU time)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from collection import images
