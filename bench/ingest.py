@@ -184,7 +184,7 @@ def run_decode(name: str, files: list[Path]) -> dict:
     where every core is busy, like the ceiling's; and on one thread with the other
     cores idle, as measured before session 10 (printed beside it). A core's speed can
     depend on what the others do: on the 2-core Xeon of session 10, every core cost
-    1.03x one thread's core-ms (median of 6 runs, 0.98-1.12x). By format, from the
+    1.04x one thread's core-ms (median of 7 runs, 0.88-1.12x). By format, from the
     all-cores run (each file's own thread's CPU time)."""
     from concurrent.futures import ThreadPoolExecutor
 
