@@ -452,30 +452,28 @@ class _Grouper:
         return group_id is None or group_id == image_id
 
     def _old_group_id(self, tier: str, image_id: int) -> int | None:
-        """The image's group in the table as the pass found it (read once: the table
-        changes only in ``write``)."""
+        """The image's group in a vector tier of the table as the pass found it (read
+        once: the table changes only in ``write``; exact groups are ``_exact``'s)."""
         if self.fresh:
             return None
-        key = (tier, image_id)
-        if key not in self.old_group_ids:
-            self._read_old_group_ids([image_id], VECTOR_TIERS if tier in VECTOR_TIERS else (tier,))
-        return self.old_group_ids[key]
+        self._read_old_group_ids([image_id])
+        return self.old_group_ids[(tier, image_id)]
 
-    def _read_old_group_ids(self, image_ids: list[int], tiers: tuple[str, ...] = VECTOR_TIERS) -> None:
-        """``_old_group_id`` in each of ``tiers`` of the images not yet read, in one
+    def _read_old_group_ids(self, image_ids: list[int]) -> None:
+        """``_old_group_id`` in every vector tier of the images not yet read, in one
         statement (the candidates a search found are asked about in turn)."""
-        missing = [i for i in image_ids if (tiers[0], i) not in self.old_group_ids]
+        missing = [i for i in image_ids if (VECTOR_TIERS[0], i) not in self.old_group_ids]
         if self.fresh or not missing:
             return
-        if len(self.old_group_ids) + len(tiers) * len(missing) > 4 * _CACHED_VECTORS:
+        if len(self.old_group_ids) + len(VECTOR_TIERS) * len(missing) > 4 * _CACHED_VECTORS:
             self.old_group_ids.clear()
-        self.old_group_ids.update(((tier, i), None) for tier in tiers for i in missing)
+        self.old_group_ids.update(((tier, i), None) for tier in VECTOR_TIERS for i in missing)
         self.old_group_ids.update(
             ((tier, image_id), group_id)
             for tier, image_id, group_id in self.db.execute(
                 "select tier, image_id, group_id from duplicate_groups where tier in (select value from json_each(?)) "
                 "and image_id in (select value from json_each(?))",
-                [json.dumps(tiers), json.dumps(missing)],
+                [json.dumps(VECTOR_TIERS), json.dumps(missing)],
             )
         )
 
@@ -641,8 +639,8 @@ class _Grouper:
         if tier == "exact":
             scores = {i: 1.0 for i in members}
         else:
-            kept = self._vector(keeper)
-            scores = {i: float(np.dot(v, kept)) for i, v in zip(members, self._vectors(members))}
+            vectors = dict(zip(members, self._vectors(members)))
+            scores = {i: float(np.dot(v, vectors[keeper])) for i, v in vectors.items()}
         self.db.conn.executemany(
             "insert into duplicate_groups (tier, group_id, image_id, is_keeper, score) values (?, ?, ?, ?, ?)",
             [(tier, group_id, i, int(i == keeper), round(scores[i], 6)) for i in members],
